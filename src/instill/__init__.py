@@ -1,0 +1,1 @@
+"""instill: Subtask Induction toolkit."""
