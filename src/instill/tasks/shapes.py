@@ -1,0 +1,625 @@
+"""A generated shape/texture world: the stand-in for ImageNet in the shape-bias experiment.
+
+Every image holds one object: a silhouette of one of K shape classes (an implicit function on a
+coordinate grid, at a random position, scale and rotation, always inside the image) filled with
+one of K procedural textures (pattern + class-specific colour palette, with phase, frequency and
+colour jitter), on a dull, low-contrast background. Class i pairs ``shape_names[i]`` with
+``texture_names[i]``, like Geirhos et al.'s classes that have both a shape and a texture.
+
+Splits (`make_split`):
+
+* ``natural``      label = shape; the texture is the same class with probability ``rho``, else a
+                   uniformly drawn other class. Texture (colour + pattern) is the easy shortcut.
+* ``shape_only``   the "mean-pooled" analogue: the object is filled with its mean colour and the
+                   background with its own, so only the silhouette is left. Its hidden textures
+                   are drawn independently of the shape, so the fill colour carries no label.
+* ``cue_conflict`` shape i with texture j != i; the set records both.
+
+Everything is pure torch on the CPU, vectorised over images (loops run over classes only), and
+deterministic given the seed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ParamSpec, TypeVar
+
+import torch
+
+from instill.errors import ConfigError
+from instill.tasks.images import ImageSet
+
+__all__ = [
+    "MAX_CLASSES",
+    "SHAPE_NAMES",
+    "SPLITS",
+    "TEXTURE_NAMES",
+    "ImageSet",
+    "ShapeWorld",
+    "make_split",
+    "preview_grid",
+]
+
+SPLITS = ("natural", "shape_only", "cue_conflict")
+
+Tensor = torch.Tensor
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+@contextlib.contextmanager
+def _one_thread() -> Iterator[None]:
+    """Run torch on one intra-op thread for a while.
+
+    Generation is many small element-wise ops; with several threads each op pays a thread
+    barrier, which on a busy machine (other processes on the cores) made it 10-20x slower.
+    One thread is about as fast on an idle machine, and makes every reduction's rounding (and
+    so the images) independent of the thread count. Process-wide, restored on exit.
+    """
+    before = torch.get_num_threads()
+    if before == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _single_threaded(fn: Callable[_P, _R]) -> Callable[_P, _R]:
+    @functools.wraps(fn)
+    def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        with _one_thread():
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
+# ------------------------------------------------------------------------------------------
+# Shapes: implicit functions f(u, v) <= 0 inside, in object-local coordinates. Every shape lies
+# within the unit disk, so an object of scale s centred at c stays within radius s of c.
+# ------------------------------------------------------------------------------------------
+
+
+def _box(u: Tensor, v: Tensor, cu: float, cv: float, hu: float, hv: float) -> Tensor:
+    return torch.maximum((u - cu).abs() - hu, (v - cv).abs() - hv)
+
+
+def _polygon(u: Tensor, v: Tensor, sides: int, apothem: float, phase: float) -> Tensor:
+    out = None
+    for k in range(sides):
+        a = phase + 2 * math.pi * k / sides
+        d = u * math.cos(a) + v * math.sin(a) - apothem
+        out = d if out is None else torch.maximum(out, d)
+    assert out is not None
+    return out
+
+
+def _disk(u: Tensor, v: Tensor) -> Tensor:
+    return torch.sqrt(u * u + v * v) - 0.9
+
+
+def _square(u: Tensor, v: Tensor) -> Tensor:
+    return torch.maximum(u.abs(), v.abs()) - 0.68
+
+
+def _triangle(u: Tensor, v: Tensor) -> Tensor:
+    # Equilateral, circumradius 0.98 (apothem 0.49), centroid at the origin.
+    return _polygon(u, v, 3, 0.49, math.pi / 2)
+
+
+def _cross(u: Tensor, v: Tensor) -> Tensor:
+    return torch.minimum(_box(u, v, 0, 0, 0.92, 0.3), _box(u, v, 0, 0, 0.3, 0.92))
+
+
+def _star(u: Tensor, v: Tensor) -> Tensor:
+    # Five points: tips at radius 1.0, notches at 0.42, straight edges between them.
+    r = torch.sqrt(u * u + v * v)
+    phi = torch.atan2(v, u)
+    sector = 2 * math.pi / 5
+    a = torch.remainder(phi, sector) - sector / 2  # in [-36°, 36°); tip at |a| = 36°
+    a = sector / 2 - a.abs()  # angle from the nearest tip, in [0, 36°]
+    # Edge from tip (R, 0) to notch (Ri, 36°), in polar form r(a) = p / cos(a - alpha).
+    big, small, half = 1.0, 0.42, sector / 2
+    tx, ty = big, 0.0
+    nx, ny = small * math.cos(half), small * math.sin(half)
+    ex, ey = nx - tx, ny - ty
+    length = math.hypot(ex, ey)
+    normal = (-ey / length, ex / length)  # unit normal of the edge line
+    p = abs(tx * normal[0] + ty * normal[1])
+    alpha = math.atan2(normal[1], normal[0])
+    if tx * normal[0] + ty * normal[1] < 0:
+        alpha += math.pi
+    boundary = p / torch.cos(a - alpha)
+    return r - boundary
+
+
+def _ring(u: Tensor, v: Tensor) -> Tensor:
+    return (torch.sqrt(u * u + v * v) - 0.68).abs() - 0.25
+
+
+def _crescent(u: Tensor, v: Tensor) -> Tensor:
+    outer = torch.sqrt(u * u + v * v) - 0.92
+    bite = torch.sqrt((u - 0.42) ** 2 + v * v) - 0.72
+    return torch.maximum(outer, -bite)
+
+
+def _ell(u: Tensor, v: Tensor) -> Tensor:
+    return torch.minimum(_box(u, v, -0.4, 0.0, 0.25, 0.75), _box(u, v, 0.0, 0.5, 0.65, 0.25))
+
+
+def _heart(u: Tensor, v: Tensor) -> Tensor:
+    # (x² + y² − 1)³ − x² y³ <= 0, scaled by 0.76 and centred.
+    x = u / 0.76
+    y = -v / 0.76 + 0.12
+    q = x * x + y * y - 1
+    return q * q * q - x * x * y * y * y
+
+
+def _arrow(u: Tensor, v: Tensor) -> Tensor:
+    shaft = _box(u, v, -0.4, 0.0, 0.5, 0.2)
+    norm = math.hypot(0.6, 0.85)
+    d = 0.6 * 0.95 / norm
+    head = torch.maximum(
+        0.1 - u,
+        torch.maximum((0.6 * u + 0.85 * v) / norm - d, (0.6 * u - 0.85 * v) / norm - d),
+    )
+    return torch.minimum(shaft, head)
+
+
+def _tee(u: Tensor, v: Tensor) -> Tensor:
+    return torch.minimum(_box(u, v, 0.0, -0.5, 0.7, 0.2), _box(u, v, 0.0, 0.05, 0.2, 0.7))
+
+
+def _hexagon(u: Tensor, v: Tensor) -> Tensor:
+    return _polygon(u, v, 6, 0.8, 0.0)
+
+
+_SHAPES: list[tuple[str, Callable[[Tensor, Tensor], Tensor]]] = [
+    ("disk", _disk),
+    ("square", _square),
+    ("triangle", _triangle),
+    ("cross", _cross),
+    ("star", _star),
+    ("ring", _ring),
+    ("crescent", _crescent),
+    ("ell", _ell),
+    ("heart", _heart),
+    ("arrow", _arrow),
+    ("tee", _tee),
+    ("hexagon", _hexagon),
+]
+SHAPE_NAMES: tuple[str, ...] = tuple(name for name, _ in _SHAPES)
+
+# ------------------------------------------------------------------------------------------
+# Textures: pattern t(x, y) in [0, 1] in image coordinates (so a pattern's orientation is part of
+# its class), blended between the class's two palette colours. `u` holds per-image uniforms.
+# ------------------------------------------------------------------------------------------
+
+_TEX_PARAMS = 12
+TWO_PI = 2 * math.pi
+
+
+def _sq(z: Tensor) -> Tensor:
+    """Sharpen a wave in about [-1, 1] into a near-binary pattern in [0, 1]."""
+    return 0.5 + 0.5 * torch.tanh(3.0 * z)
+
+
+def _c(u: Tensor, j: int) -> Tensor:
+    return u[:, j, None, None]
+
+
+def _rot(x: Tensor, y: Tensor, theta: Tensor) -> tuple[Tensor, Tensor]:
+    c, s = torch.cos(theta), torch.sin(theta)
+    return x * c + y * s, -x * s + y * c
+
+
+def _frac(z: Tensor) -> Tensor:
+    return z - torch.floor(z)
+
+
+def _stripes_at(x: Tensor, y: Tensor, u: Tensor, angle: float, f0: float, df: float) -> Tensor:
+    theta = angle + (_c(u, 0) - 0.5) * 0.4
+    a, _ = _rot(x, y, theta)
+    f = f0 + df * _c(u, 1)
+    return _sq(torch.sin(TWO_PI * (f * a + _c(u, 2))))
+
+
+def _tex_stripes(x: Tensor, y: Tensor, u: Tensor, noise: Tensor) -> Tensor:
+    return _stripes_at(x, y, u, math.pi / 2, 3.0, 0.8)  # horizontal bands
+
+
+def _tex_checker(x: Tensor, y: Tensor, u: Tensor, noise: Tensor) -> Tensor:
+    a, b = _rot(x, y, (_c(u, 0) - 0.5) * 0.3)
+    f = 1.6 + 0.5 * _c(u, 1)
+    wave = torch.sin(TWO_PI * (f * a + _c(u, 2))) * torch.sin(TWO_PI * (f * b + _c(u, 3)))
+    return _sq(2.0 * wave)
+
+
+def _tex_dots(x: Tensor, y: Tensor, u: Tensor, noise: Tensor) -> Tensor:
+    a, b = _rot(x, y, (_c(u, 0) - 0.5) * 0.3)
+    period = 0.33 + 0.08 * _c(u, 1)
+    da = _frac(a / period + _c(u, 2)) - 0.5
+    db = _frac(b / period + _c(u, 3)) - 0.5
+    d = torch.sqrt(da * da + db * db)
+    return _sq((0.3 - d) * 8.0)
+
+
+def _tex_zigzag(x: Tensor, y: Tensor, u: Tensor, noise: Tensor) -> Tensor:
+    amp = 0.15 + 0.05 * _c(u, 3)
+    g = 1.5 + 0.5 * _c(u, 4)
+    tri = 4.0 * (_frac(g * x + _c(u, 5)) - 0.5).abs() - 1.0
+    yy = y + amp * tri
+    f = 2.4 + 0.5 * _c(u, 1)
+    return _sq(torch.sin(TWO_PI * (f * yy + _c(u, 2))))
+
+
+def _tex_rings(x: Tensor, y: Tensor, u: Tensor, noise: Tensor) -> Tensor:
+    cx, cy = 2 * _c(u, 3) - 1, 2 * _c(u, 4) - 1
+    r = torch.sqrt((x - cx) ** 2 + (y - cy) ** 2)
+    f = 2.5 + 0.7 * _c(u, 1)
+    return _sq(torch.sin(TWO_PI * (f * r + _c(u, 2))))
+
+
+def _lines(z: Tensor, width: float) -> Tensor:
+    """1 on thin lines at integer z (line width `width` of a period), else 0 (soft edges)."""
+    return _sq(((_frac(z) - 0.5).abs() - (0.5 - width / 2)) * 12.0)
+
+
+def _tex_crosshatch(x: Tensor, y: Tensor, u: Tensor, noise: Tensor) -> Tensor:
+    f = 2.2 + 0.5 * _c(u, 1)
+    a = (x + y) / math.sqrt(2)
+    b = (x - y) / math.sqrt(2)
+    return torch.maximum(_lines(f * a + _c(u, 2), 0.3), _lines(f * b + _c(u, 3), 0.3))
+
+
+def _tex_blobs(x: Tensor, y: Tensor, u: Tensor, noise: Tensor) -> Tensor:
+    field = torch.zeros_like(x + _c(u, 0))
+    for k in range(4):
+        theta = math.pi * _c(u, k)
+        a, _ = _rot(x, y, theta)
+        field = field + torch.sin(TWO_PI * (1.1 * a + _c(u, 4 + k)))
+    return _sq(field / 1.5)
+
+
+def _tex_diagonal(x: Tensor, y: Tensor, u: Tensor, noise: Tensor) -> Tensor:
+    return _stripes_at(x, y, u, math.pi / 4, 2.0, 0.5)  # wide diagonal bands
+
+
+def _tex_speckle(x: Tensor, y: Tensor, u: Tensor, noise: Tensor) -> Tensor:
+    return _sq((noise - 0.5) * 4.0)
+
+
+def _tex_spiral(x: Tensor, y: Tensor, u: Tensor, noise: Tensor) -> Tensor:
+    cx, cy = (2 * _c(u, 3) - 1) * 0.4, (2 * _c(u, 4) - 1) * 0.4
+    dx, dy = x - cx, y - cy
+    r = torch.sqrt(dx * dx + dy * dy)
+    phi = torch.atan2(dy, dx)
+    f = 2.0 + 0.5 * _c(u, 1)
+    return _sq(torch.sin(3.0 * phi + TWO_PI * (f * r + _c(u, 2))))
+
+
+def _tex_grid(x: Tensor, y: Tensor, u: Tensor, noise: Tensor) -> Tensor:
+    a, b = _rot(x, y, (_c(u, 0) - 0.5) * 0.2)
+    f = 1.8 + 0.4 * _c(u, 1)
+    return torch.maximum(_lines(f * a + _c(u, 2), 0.25), _lines(f * b + _c(u, 3), 0.25))
+
+
+def _tex_bricks(x: Tensor, y: Tensor, u: Tensor, noise: Tensor) -> Tensor:
+    h = 0.26 + 0.06 * _c(u, 1)
+    rows = y / h + _c(u, 2)
+    shift = 0.5 * torch.remainder(torch.floor(rows), 2.0)
+    cols = x / (2 * h) + shift + _c(u, 3)
+    return torch.maximum(_lines(rows, 0.25), _lines(cols, 0.13))
+
+
+_TEXTURES: list[tuple[str, Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]]] = [
+    ("stripes", _tex_stripes),
+    ("checker", _tex_checker),
+    ("dots", _tex_dots),
+    ("zigzag", _tex_zigzag),
+    ("rings", _tex_rings),
+    ("crosshatch", _tex_crosshatch),
+    ("blobs", _tex_blobs),
+    ("diagonal", _tex_diagonal),
+    ("speckle", _tex_speckle),
+    ("spiral", _tex_spiral),
+    ("grid", _tex_grid),
+    ("bricks", _tex_bricks),
+]
+TEXTURE_NAMES: tuple[str, ...] = tuple(name for name, _ in _TEXTURES)
+
+# (base colour, pattern colour) per texture class: saturated, class-specific, unlike the
+# dull grey-ish backgrounds.
+_PALETTES = torch.tensor(
+    [
+        [[0.95, 0.80, 0.10], [0.12, 0.08, 0.04]],  # stripes: yellow / black
+        [[0.85, 0.10, 0.10], [0.95, 0.95, 0.95]],  # checker: red / white
+        [[0.10, 0.25, 0.80], [0.95, 0.95, 0.65]],  # dots: blue / cream
+        [[0.10, 0.55, 0.20], [0.65, 0.95, 0.60]],  # zigzag: green / light green
+        [[0.95, 0.50, 0.10], [0.40, 0.10, 0.50]],  # rings: orange / purple
+        [[0.10, 0.75, 0.80], [0.05, 0.10, 0.35]],  # crosshatch: cyan / navy
+        [[0.45, 0.30, 0.12], [0.60, 0.65, 0.25]],  # blobs: brown / olive
+        [[0.85, 0.15, 0.65], [0.98, 0.80, 0.90]],  # diagonal: magenta / pink
+        [[0.95, 0.55, 0.50], [0.15, 0.45, 0.45]],  # speckle: salmon / teal
+        [[0.60, 0.90, 0.10], [0.50, 0.20, 0.90]],  # spiral: lime / violet
+        [[0.90, 0.72, 0.20], [0.45, 0.05, 0.10]],  # grid: gold / maroon
+        [[0.70, 0.25, 0.15], [0.90, 0.85, 0.75]],  # bricks: brick / mortar
+    ],
+    dtype=torch.float32,
+)
+
+MAX_CLASSES = min(len(_SHAPES), len(_TEXTURES))
+_SIZE_RANGE = (16, 256)
+_COLOUR_JITTER = 0.06
+_BG_NOISE = 0.02
+_BG_TINT = 0.06
+_MIN_BG_GAP = 0.25
+
+
+@dataclass(frozen=True)
+class ShapeWorld:
+    """A generated world of K shape classes x K texture classes at size x size pixels.
+
+    classes: K, number of classes (2..12); class i = (shape_names[i], texture_names[i]).
+    size:    image side in pixels (16..256; 32 and 64 are the intended sizes).
+    rho:     probability that a `natural` image's texture is its shape's class (0..1).
+    """
+
+    classes: int = 8
+    size: int = 32
+    rho: float = 0.9
+
+    def __post_init__(self) -> None:
+        k = self.classes
+        if isinstance(k, bool) or not isinstance(k, int) or not 2 <= k <= MAX_CLASSES:
+            raise ConfigError(
+                f"ShapeWorld.classes must be an integer from 2 to {MAX_CLASSES}, got {k!r}"
+            )
+        s = self.size
+        lo, hi = _SIZE_RANGE
+        if isinstance(s, bool) or not isinstance(s, int) or not lo <= s <= hi:
+            raise ConfigError(f"ShapeWorld.size must be an integer from {lo} to {hi}, got {s!r}")
+        r = self.rho
+        if (
+            isinstance(r, bool)
+            or not isinstance(r, int | float)
+            or not math.isfinite(r)
+            or not 0.0 <= r <= 1.0
+        ):
+            raise ConfigError(f"ShapeWorld.rho must be a number from 0 to 1, got {r!r}")
+
+    @property
+    def shape_names(self) -> list[str]:
+        return list(SHAPE_NAMES[: self.classes])
+
+    @property
+    def texture_names(self) -> list[str]:
+        return list(TEXTURE_NAMES[: self.classes])
+
+    def grid(self) -> tuple[Tensor, Tensor]:
+        """Pixel-centre coordinates (x, y), each [S, S], spanning (-1, 1); y grows downwards."""
+        c = (torch.arange(self.size, dtype=torch.float32) + 0.5) / self.size * 2 - 1
+        y, x = torch.meshgrid(c, c, indexing="ij")
+        return x, y
+
+    def sample_poses(self, n: int, generator: torch.Generator) -> Tensor:
+        """Random object poses [n, 4]: (scale, cx, cy, angle); the object stays in the image."""
+        u = torch.rand(n, 4, generator=generator)
+        scale = 0.5 + 0.3 * u[:, 0]
+        limit = 1.0 - scale - 2.0 / self.size  # keep a one-pixel margin
+        cx = (2 * u[:, 1] - 1) * limit
+        cy = (2 * u[:, 2] - 1) * limit
+        angle = TWO_PI * u[:, 3]
+        return torch.stack([scale, cx, cy, angle], dim=1)
+
+    @_single_threaded
+    def masks(self, shape_ids: Tensor, poses: Tensor) -> Tensor:
+        """Object masks bool [n, S, S] of the given shape classes at the given poses."""
+        shape_ids = self._check_ids(shape_ids, "shape_ids")
+        n = shape_ids.shape[0]
+        if poses.shape != (n, 4):
+            raise ConfigError(f"poses must have shape ({n}, 4), got {tuple(poses.shape)}")
+        x, y = self.grid()
+        scale, cx, cy, angle = (poses[:, i, None, None].float() for i in range(4))
+        dx, dy = x - cx, y - cy
+        c, s = torch.cos(angle), torch.sin(angle)
+        lu = (c * dx + s * dy) / scale
+        lv = (-s * dx + c * dy) / scale
+        out = torch.zeros(n, self.size, self.size, dtype=torch.bool)
+        for k in torch.unique(shape_ids).tolist():
+            idx = (shape_ids == k).nonzero(as_tuple=True)[0]
+            out[idx] = _SHAPES[k][1](lu[idx], lv[idx]) <= 0
+        return out
+
+    @_single_threaded
+    def render(
+        self,
+        shape_ids: Tensor,
+        texture_ids: Tensor,
+        generator: torch.Generator,
+        *,
+        poses: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """Render objects: images float32 [n, 3, S, S] in [0, 1] and masks bool [n, S, S].
+
+        The generator is consumed in a fixed order and amount that depends only on n (poses,
+        when not given, then texture parameters, pixel noise, colour jitter, background), so
+        the same generator state with other texture ids gives the same poses and masks, and
+        with other shape ids the same texture fields.
+        """
+        shape_ids = self._check_ids(shape_ids, "shape_ids")
+        texture_ids = self._check_ids(texture_ids, "texture_ids")
+        n, size = shape_ids.shape[0], self.size
+        if texture_ids.shape[0] != n:
+            raise ConfigError(
+                f"shape_ids and texture_ids must have the same length, got {n} and "
+                f"{texture_ids.shape[0]}"
+            )
+        if poses is None:
+            poses = self.sample_poses(n, generator)
+        tex_u = torch.rand(n, _TEX_PARAMS, generator=generator)
+        tex_noise = torch.rand(n, size, size, generator=generator)
+        jitter = (torch.rand(n, 2, 3, generator=generator) * 2 - 1) * _COLOUR_JITTER
+        bg_u = torch.rand(n, 2, generator=generator)
+        bg_tint = (torch.rand(n, 3, generator=generator) * 2 - 1) * _BG_TINT
+        bg_noise = torch.randn(n, 3, size, size, generator=generator) * _BG_NOISE
+
+        mask = self.masks(shape_ids, poses)
+        x, y = self.grid()
+        obj = torch.empty(n, 3, size, size)
+        for k in torch.unique(texture_ids).tolist():
+            idx = (texture_ids == k).nonzero(as_tuple=True)[0]
+            t = _TEXTURES[k][1](x, y, tex_u[idx], tex_noise[idx]).unsqueeze(1)
+            colours = (_PALETTES[k].unsqueeze(0) + jitter[idx]).clamp(0.0, 1.0)
+            c0, c1 = colours[:, 0, :, None, None], colours[:, 1, :, None, None]
+            obj[idx] = c0 + (c1 - c0) * t
+
+        # Background: a dull grey-ish colour whose brightness is kept away from the object's mean.
+        m = mask.unsqueeze(1).float()
+        obj_mean = (obj * m).sum(dim=(1, 2, 3)) / (3 * m.sum(dim=(1, 2, 3)).clamp(min=1))
+        grey = 0.2 + 0.6 * bg_u[:, 0]
+        away = torch.where(
+            obj_mean >= 0.5,
+            obj_mean - _MIN_BG_GAP - 0.15 * bg_u[:, 1],
+            obj_mean + _MIN_BG_GAP + 0.15 * bg_u[:, 1],
+        )
+        grey = torch.where((grey - obj_mean).abs() < _MIN_BG_GAP, away, grey)
+        bg = (grey[:, None] + bg_tint)[:, :, None, None] + bg_noise
+        images = torch.where(mask.unsqueeze(1), obj, bg).clamp_(0.0, 1.0)
+        return images.float(), mask
+
+    def _check_ids(self, ids: Tensor, name: str) -> Tensor:
+        ids = torch.as_tensor(ids)
+        if ids.ndim != 1 or ids.dtype.is_floating_point or ids.dtype == torch.bool:
+            raise ConfigError(f"{name} must be a 1-D integer tensor")
+        ids = ids.long()
+        if ids.numel() and (ids.min() < 0 or ids.max() >= self.classes):
+            raise ConfigError(
+                f"{name} must lie in 0..{self.classes - 1} (ShapeWorld.classes="
+                f"{self.classes}), got {ids.min().item()}..{ids.max().item()}"
+            )
+        return ids
+
+
+def _mean_pool(images: Tensor, mask: Tensor) -> Tensor:
+    """Fill the object with its mean colour and the background with its own mean colour."""
+    m = mask.unsqueeze(1).float()
+    inv = 1.0 - m
+    obj_mean = (images * m).sum(dim=(2, 3)) / m.sum(dim=(2, 3)).clamp(min=1)
+    bg_mean = (images * inv).sum(dim=(2, 3)) / inv.sum(dim=(2, 3)).clamp(min=1)
+    return torch.where(mask.unsqueeze(1), obj_mean[:, :, None, None], bg_mean[:, :, None, None])
+
+
+def _split_seed(seed: int, split: str) -> int:
+    # A fixed mix of the seed and the split, so the splits of one seed are independent draws.
+    return (seed * 1_000_003 + 7919 * (SPLITS.index(split) + 1)) % (2**63)
+
+
+def _other_class(ids: Tensor, k: int, generator: torch.Generator) -> Tensor:
+    """A uniformly drawn class different from each id."""
+    return (ids + torch.randint(1, k, ids.shape, generator=generator)) % k
+
+
+@_single_threaded
+def make_split(world: ShapeWorld, split: str, n: int, seed: int) -> ImageSet:
+    """Generate ``n`` images of one split ("natural", "shape_only" or "cue_conflict").
+
+    Shape classes are balanced (each appears n // K or n // K + 1 times, shuffled). The result
+    is a deterministic function of (world, split, n, seed).
+    """
+    if not isinstance(world, ShapeWorld):
+        raise ConfigError(f"world must be a ShapeWorld, got {type(world).__name__}")
+    if split not in SPLITS:
+        raise ConfigError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ConfigError(f"n must be a positive integer, got {n!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ConfigError(f"seed must be an integer, got {seed!r}")
+    k = world.classes
+    gen = torch.Generator().manual_seed(_split_seed(seed, split))
+    shapes = (torch.arange(n) % k)[torch.randperm(n, generator=gen)]
+    if split == "natural":
+        keep = torch.rand(n, generator=gen) < world.rho
+        textures = torch.where(keep, shapes, _other_class(shapes, k, gen))
+    elif split == "shape_only":
+        textures = torch.randint(0, k, (n,), generator=gen)
+    else:
+        textures = _other_class(shapes, k, gen)
+    poses = world.sample_poses(n, gen)
+    images, masks = world.render(shapes, textures, gen, poses=poses)
+    if split == "shape_only":
+        images = _mean_pool(images, masks)
+    return ImageSet(
+        images=images.contiguous(),
+        labels=shapes.clone(),
+        shapes=shapes,
+        textures=textures,
+        split=split,
+        class_names=world.shape_names,
+        texture_names=world.texture_names,
+        masks=masks,
+        poses=poses,
+        meta={"world": world, "seed": seed},
+    )
+
+
+def _title(data: ImageSet, i: int) -> str:
+    s, t = int(data.shapes[i]), int(data.textures[i])
+    shape = data.class_names[s]
+    texture = (data.texture_names or data.class_names)[t]
+    if data.split == "shape_only":
+        return shape
+    if s == t:
+        return shape
+    return f"{shape}/{texture}"
+
+
+def preview_grid(
+    world: ShapeWorld, seed: int, path: str | os.PathLike[str], per_split: int = 8
+) -> Path:
+    """Write a PNG with one row per split (natural, shape_only, cue_conflict) of ``per_split``
+    images each, titled with their labels ("shape/texture" where the two differ). Atomic."""
+    if isinstance(per_split, bool) or not isinstance(per_split, int) or per_split < 1:
+        raise ConfigError(f"per_split must be a positive integer, got {per_split!r}")
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig = Figure(figsize=(1.25 * per_split + 0.6, 1.45 * len(SPLITS)), dpi=110)
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(len(SPLITS), per_split, squeeze=False)
+    for row, split in enumerate(SPLITS):
+        data = make_split(world, split, per_split, seed)
+        for col in range(per_split):
+            ax = axes[row][col]
+            ax.imshow(data.images[col].permute(1, 2, 0).numpy(), interpolation="nearest")
+            ax.set_title(_title(data, col), fontsize=7)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if col == 0:
+                ax.set_ylabel(split, fontsize=8)
+    fig.suptitle(
+        f"ShapeWorld(classes={world.classes}, size={world.size}, rho={world.rho}), seed {seed}",
+        fontsize=9,
+    )
+    fig.tight_layout()
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            fig.savefig(handle, format="png")
+        os.replace(tmp, out)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return out
