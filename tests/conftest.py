@@ -8,6 +8,9 @@ from torch import nn
 
 from instill.models import build_model
 
+# The models here are tiny: one thread is fastest, and more threads spin on a busy machine.
+torch.set_num_threads(1)
+
 
 class ConvNet1d(nn.Module):
     """A plain nn.Conv1d network."""

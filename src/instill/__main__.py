@@ -1,0 +1,5 @@
+"""`python -m instill` runs the command line."""
+
+from instill.cli import main
+
+main()

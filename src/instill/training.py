@@ -1,0 +1,175 @@
+"""Plain training loops shared by the experiments: fit a model, discover a subnetwork.
+
+Data are tuples of tensors held in memory (the experiments' data are small); batches are index
+permutations drawn from a seeded generator, so a run is reproducible on the CPU.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from instill.core import MaskConfig, Subnetwork, attach_masks
+from instill.errors import ConfigError, TrainingError
+
+LossFn = Callable[[nn.Module, Sequence[Tensor]], Tensor]
+EvalFn = Callable[[nn.Module], float]
+
+
+@dataclass
+class FitConfig:
+    """Optimizer and schedule of one training run."""
+
+    epochs: int = 10
+    batch_size: int = 50
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    optimizer: str = "adamw"
+    momentum: float = 0.9
+    patience: int | None = None  # stop after this many epochs without a better validation score
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or self.batch_size < 1:
+            raise ConfigError(f"epochs and batch_size must be >= 1, got {self.epochs}, "
+                              f"{self.batch_size}")
+        if not self.lr > 0:
+            raise ConfigError(f"lr must be > 0, got {self.lr}")
+        if self.optimizer not in ("adamw", "sgd"):
+            raise ConfigError(f"optimizer must be 'adamw' or 'sgd', got {self.optimizer!r}")
+        if self.patience is not None and self.patience < 1:
+            raise ConfigError(f"patience must be >= 1 or null, got {self.patience}")
+
+
+@dataclass
+class FitResult:
+    """What a run achieved: the best validation score, its epoch, and the per-epoch history."""
+
+    best_score: float = -math.inf
+    best_epoch: int = -1
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def make_optimizer(params, cfg: FitConfig) -> torch.optim.Optimizer:
+    """AdamW or SGD with momentum, as the config says."""
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum,
+                               weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def batches(n: int, batch_size: int, generator: torch.Generator) -> Iterator[Tensor]:
+    """Shuffled index batches covering `n` examples once."""
+    order = torch.randperm(n, generator=generator)
+    yield from order.split(batch_size)
+
+
+def run_epoch(model: nn.Module, data: Sequence[Tensor], loss_fn: LossFn,
+              optimizer: torch.optim.Optimizer, batch_size: int, generator: torch.Generator,
+              epoch: int) -> float:
+    """One pass over `data` in training mode; returns the mean loss. Stops on a NaN loss."""
+    model.train()
+    total, n = 0.0, len(data[0])
+    for step, idx in enumerate(batches(n, batch_size, generator)):
+        loss = loss_fn(model, [t[idx] for t in data])
+        if not torch.isfinite(loss):
+            raise TrainingError(
+                f"the loss became {loss.item()} at epoch {epoch}, step {step}; lower the "
+                "learning rate or check the data. The best state so far is kept."
+            )
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        total += loss.item() * len(idx)
+    model.eval()
+    return total / n
+
+
+def fit(model: nn.Module, data: Sequence[Tensor], loss_fn: LossFn, cfg: FitConfig, *,
+        evaluate: EvalFn | None = None, params=None, seed: int = 0,
+        desc: str = "train") -> FitResult:
+    """Train `model` on `data`, selecting the epoch with the best `evaluate` score.
+
+    The model ends in eval mode holding its best state (the last one without `evaluate`).
+    A NaN or infinite loss raises TrainingError after restoring the best state.
+    """
+    params = list(model.parameters()) if params is None else params
+    optimizer = make_optimizer(params, cfg)
+    generator = torch.Generator().manual_seed(seed)
+    result, best_state, stale = FitResult(), None, 0
+    bar = tqdm(range(cfg.epochs), desc=desc, leave=False, disable=None)
+    try:
+        for epoch in bar:
+            loss = run_epoch(model, data, loss_fn, optimizer, cfg.batch_size, generator, epoch)
+            row = {"epoch": epoch, "loss": loss}
+            if evaluate is not None:
+                row["val"] = score = evaluate(model)
+                if score > result.best_score:
+                    result.best_score, result.best_epoch, stale = score, epoch, 0
+                    best_state = copy.deepcopy(model.state_dict())
+                else:
+                    stale += 1
+            result.history.append(row)
+            bar.set_postfix({k: round(v, 4) for k, v in row.items() if k != "epoch"})
+            if cfg.patience is not None and stale >= cfg.patience:
+                break
+    finally:
+        if best_state is not None:
+            model.load_state_dict(best_state)
+        model.eval()
+    if evaluate is None:
+        result.best_epoch = len(result.history) - 1
+    return result
+
+
+@dataclass
+class DiscoveryConfig:
+    """Continuous-sparsification schedule for finding a subnetwork (method.md, step 1)."""
+
+    epochs: int = 50
+    batch_size: int = 500
+    lr: float = 1e-3
+    final_temperature: float = 100.0
+    mask: MaskConfig = field(default_factory=MaskConfig)
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or self.batch_size < 1:
+            raise ConfigError("discovery epochs and batch_size must be >= 1")
+        if not self.final_temperature >= 1:
+            raise ConfigError(f"final_temperature must be >= 1, got {self.final_temperature}")
+
+
+def discover(model: nn.Module, data: Sequence[Tensor], loss_fn: LossFn, cfg: DiscoveryConfig,
+             *, seed: int = 0, desc: str = "discover") -> tuple[Subnetwork, list[dict]]:
+    """Train masks on `data` (the subtask) over a frozen `model`; return the hard subnetwork.
+
+    The temperature starts at 1 and is multiplied each epoch by `final_temperature ** (1 /
+    epochs)`, reaching `final_temperature` at the end. The model is returned untouched.
+    """
+    masked = attach_masks(model, cfg.mask)
+    growth = cfg.final_temperature ** (1 / cfg.epochs)
+    fit_cfg = FitConfig(epochs=1, batch_size=cfg.batch_size, lr=cfg.lr,
+                        weight_decay=cfg.mask.weight_decay)
+    optimizer = make_optimizer(masked.mask_parameters(), fit_cfg)
+    generator = torch.Generator().manual_seed(seed)
+    history = []
+
+    def penalized(model: nn.Module, batch: Sequence[Tensor]) -> Tensor:
+        return loss_fn(model, batch) + masked.l0_penalty()
+
+    try:
+        for epoch in tqdm(range(cfg.epochs), desc=desc, leave=False, disable=None):
+            loss = run_epoch(masked, data, penalized, optimizer, cfg.batch_size, generator,
+                             epoch)
+            masked.temperature *= growth
+            history.append({"epoch": epoch, "loss": loss,
+                            "density": masked.subnetwork().density(),
+                            "temperature": masked.temperature})
+        return masked.subnetwork({"temperature": str(masked.temperature)}), history
+    finally:
+        masked.detach_masks()

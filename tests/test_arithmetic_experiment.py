@@ -1,0 +1,121 @@
+"""The arithmetic pipeline end to end on a tiny run, resuming, and its command line."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from instill.cli import main
+from instill.errors import ConfigError
+from instill.experiments import arithmetic as arith
+from instill.experiments.arithmetic import load_config, run_arithmetic
+
+TINY = {
+    "numbers": 14, "layers": [1], "n_embd": 16, "n_head": 2, "loss": "answer", "seeds": 1,
+    "base_samples": 600, "base_val": 100,
+    "base_fit": {"epochs": 3, "batch_size": 64, "lr": 3e-3, "patience": None},
+    "subtask_samples": 300, "discovery": {"epochs": 2, "batch_size": 100},
+    "grid": [0, 8], "conditions": ["subnet", "sampled", "random"],
+    "induction_fit": {"epochs": 2, "batch_size": 16}, "n_val": 20, "n_test": 30,
+}
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("arith")
+    cfg = load_config("quick", TINY)
+    summary = run_arithmetic(cfg, out, log=lambda _: None)
+    return cfg, out, summary
+
+
+def test_tiny_run_writes_every_output_well_formed(tiny_run):
+    cfg, out, summary = tiny_run
+    for name in ("config.json", "base/L1.safetensors", "base/L1.json",
+                 "subnetworks/L1.safetensors", "verify.json", "results.csv", "summary.json",
+                 "data_efficiency.png", "report.md", "manifest.json"):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    assert len(rows) == 2 * 3  # grid x conditions x seeds x depths
+    assert set(rows[0]) >= {"layers", "n", "seed", "condition", "test_accuracy",
+                            "accuracy[2*a^2]", "accuracy[2*b^2]", "best_epoch"}
+    assert all(0 <= float(r["test_accuracy"]) <= 1 for r in rows)
+    saved = json.loads((out / "summary.json").read_text())
+    assert set(saved["samples_to_threshold"]) == {"subnet", "sampled", "random"}
+    assert "ratio_random_to_subnet" in saved
+    verify = json.loads((out / "verify.json").read_text())["L1"]
+    assert set(verify["accuracy"]) == {"full model", "subnetwork only", "subnetwork ablated",
+                                       "random same-size ablated"}
+    assert 0 <= verify["density"] <= 1 and verify["per_layer_density"]
+    recorded = json.loads((out / "config.json").read_text())
+    assert recorded["config"]["numbers"] == 14 and recorded["seed"] == cfg.seed
+    assert "torch" in recorded["packages"]
+    report = (out / "report.md").read_text()
+    assert "Subtask Induction reached" in report and "data_efficiency.png" in report
+
+
+def test_rerun_resumes_without_retraining(tiny_run, monkeypatch):
+    cfg, out, _ = tiny_run
+    before = (out / "results.csv").read_text()
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("finished work was recomputed")
+
+    monkeypatch.setattr(arith, "fit", no_training)
+    monkeypatch.setattr(arith, "discover", no_training)
+    run_arithmetic(cfg, out, log=lambda _: None)
+    assert (out / "results.csv").read_text() == before
+
+
+def test_missing_cell_is_recomputed_and_others_are_not(tiny_run, monkeypatch):
+    cfg, out, _ = tiny_run
+    before = (out / "results.csv").read_text()
+    (out / "cells/L1-n8-s0.json").unlink()
+    calls = []
+    real_fit = arith.fit
+
+    def counting_fit(*args, **kwargs):
+        calls.append(kwargs.get("desc"))
+        return real_fit(*args, **kwargs)
+
+    monkeypatch.setattr(arith, "fit", counting_fit)
+    run_arithmetic(cfg, out, log=lambda _: None)
+    assert sorted(calls) == sorted(f"{c} L1 n=8 s0" for c in cfg.conditions)
+    assert (out / "results.csv").read_text() == before  # same seed -> same numbers
+
+
+def test_changed_config_in_the_same_directory_is_refused(tiny_run):
+    _, out, _ = tiny_run
+    cfg = load_config("quick", {**TINY, "modulus": 5})
+    with pytest.raises(ConfigError, match="modulus"):
+        run_arithmetic(cfg, out, log=lambda _: None)
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--target", "a^2 + $b"], "unexpected character '$' at position 6"),
+    (["--modulus", "1"], "modulus"),
+    (["--layers", "2,x"], "--layers takes comma-separated integers"),
+    (["--conditions", "subnet,magic"], "unknown conditions ['magic']"),
+])
+def test_bad_command_line_input_is_one_clear_line(tmp_path, args, message):
+    result = CliRunner().invoke(main, ["arithmetic", "--out", str(tmp_path / "r"), *args])
+    assert result.exit_code == 2
+    assert message in result.output and "Traceback" not in result.output
+
+
+def test_unknown_config_file_key_is_an_error_with_a_suggestion(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("numbrs: 10\n")
+    result = CliRunner().invoke(main, ["arithmetic", "--config", str(path), "--out",
+                                       str(tmp_path / "r")])
+    assert result.exit_code == 2 and "numbrs" in result.output and "numbers" in result.output
+
+
+def test_presets_and_overrides_layer_in_order():
+    cfg = load_config("quick", {"numbers": 30}, {"grid": [0, 5]})
+    assert cfg.numbers == 30 and cfg.grid == [0, 5] and cfg.layers == [2]
+    assert load_config("paper").numbers == 1000
+    with pytest.raises(ConfigError, match="unknown preset"):
+        load_config("huge")

@@ -1,0 +1,88 @@
+"""fit and discover on tiny real problems."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from instill.core import MaskConfig
+from instill.errors import TrainingError
+from instill.training import DiscoveryConfig, FitConfig, discover, fit
+
+
+def xor_data(n: int = 256, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, 2, (n, 2), generator=gen).float()
+    y = (x[:, 0] != x[:, 1]).long()
+    return x + 0.05 * torch.randn(x.shape, generator=gen), y
+
+
+def loss_fn(model, batch):
+    x, y = batch
+    return F.cross_entropy(model(x), y)
+
+
+def accuracy(model, x, y):
+    with torch.no_grad():
+        return (model(x).argmax(-1) == y).float().mean().item()
+
+
+def test_fit_learns_and_keeps_the_best_epoch():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(2, 16), nn.ReLU(), nn.Linear(16, 2))
+    x, y = xor_data()
+    scores = []
+
+    def evaluate(m):
+        scores.append(accuracy(m, x, y))
+        return scores[-1]
+
+    result = fit(model, [x, y], loss_fn, FitConfig(epochs=30, batch_size=32, lr=1e-2),
+                 evaluate=evaluate)
+    assert result.best_score == max(scores) > 0.95
+    assert accuracy(model, x, y) == result.best_score  # the best state is restored
+    assert len(result.history) == 30 and not model.training
+
+
+def test_fit_stops_early_with_patience():
+    model = nn.Linear(2, 2)
+    x, y = xor_data()
+    result = fit(model, [x, y], loss_fn, FitConfig(epochs=50, patience=2),
+                 evaluate=lambda m: 0.5)
+    assert len(result.history) == 3 and result.best_epoch == 0
+
+
+def test_nan_loss_stops_with_the_step_and_keeps_the_best_state():
+    model = nn.Linear(2, 2)
+    x, y = xor_data()
+    calls = {"n": 0}
+
+    def exploding(m, batch):
+        calls["n"] += 1
+        loss = loss_fn(m, batch)
+        return loss * float("nan") if calls["n"] > 10 else loss
+
+    with pytest.raises(TrainingError, match=r"nan at epoch 1, step 2.*lower the learning rate"):
+        fit(model, [x, y], exploding, FitConfig(epochs=5, batch_size=32),
+            evaluate=lambda m: 1.0)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_discover_finds_a_working_sparse_subnetwork_and_leaves_the_model_untouched():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(2, 64), nn.ReLU(), nn.Linear(64, 2))
+    x, y = xor_data(512)
+    fit(model, [x, y], loss_fn, FitConfig(epochs=40, batch_size=32, lr=1e-2))
+    before = {n: p.clone() for n, p in model.named_parameters()}
+    cfg = DiscoveryConfig(epochs=20, batch_size=64, lr=0.05, final_temperature=100,
+                          mask=MaskConfig(init=0.5, l0_lambda=1e-3))
+    sub, history = discover(model, [x, y], loss_fn, cfg)
+    assert history[-1]["temperature"] == pytest.approx(100.0)
+    assert 0 < sub.density() < 0.9
+    assert all(torch.equal(before[n], p) for n, p in model.named_parameters())
+    from instill import apply_subnetwork
+
+    with apply_subnetwork(model, sub, "keep"):
+        assert accuracy(model, x, y) > 0.95
