@@ -32,7 +32,7 @@ def tiny_run(tmp_path_factory):
 
 
 def test_tiny_run_writes_every_output_well_formed(tiny_run):
-    cfg, out, summary = tiny_run
+    cfg, out, _ = tiny_run
     for name in ("config.json", "base/L1.safetensors", "base/L1.json",
                  "subnetworks/L1.safetensors", "verify.json", "results.csv", "summary.json",
                  "data_efficiency.png", "report.md", "manifest.json"):

@@ -1,4 +1,4 @@
-"""User-facing errors: each message names the problem and the fix; the CLI prints it without a traceback."""
+"""User-facing errors: each message names the problem and its fix; the CLI prints no traceback."""
 
 
 class InstillError(Exception):

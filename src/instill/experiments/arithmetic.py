@@ -7,7 +7,6 @@ model on `base`, discover the subnetwork for `subtask`, verify it, run the induc
 
 from __future__ import annotations
 
-import copy
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -20,8 +19,9 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from instill.checkpoint import load_model, save_model
-from instill.core import MaskConfig, Subnetwork, apply_subnetwork, fresh_init, transplant
+from instill.core import MaskConfig, Subnetwork
 from instill.errors import ConfigError
+from instill.experiments.common import CONDITIONS, merge, starting_model, verify_subnetwork
 from instill.models import build_model, logits_of
 from instill.runio import RunDir, from_dict, to_dict, write_json
 from instill.tasks.arithmetic import (
@@ -35,7 +35,6 @@ from instill.tasks.arithmetic import (
 from instill.tasks.expr import Expression, parse
 from instill.training import DiscoveryConfig, FitConfig, discover, fit
 
-CONDITIONS = ("subnet", "sampled", "complement", "full", "random")
 PAPER_GRID = [0, 10, 16, 25, 40, 64, 100, 160, 250, 400, 640, 1000, 1600, 2500, 4000, 6400,
               10000]
 
@@ -117,17 +116,6 @@ PRESETS: dict[str, dict[str, Any]] = {
         "n_test": 1000,
     },
 }
-
-
-def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
-    """Recursive dict update: nested sections are merged key by key, not replaced."""
-    out = dict(base)
-    for key, value in override.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = merge(out[key], value)
-        else:
-            out[key] = value
-    return out
 
 
 def load_config(preset: str | None = "paper", file_values: dict | None = None,
@@ -246,35 +234,12 @@ class ArithmeticRun:
         seed = self.cfg.seed * 1000 + layers + 700
         sets = {name: self.sequences(name, 2000, seed + i)
                 for i, name in enumerate(("subtask", "base"))}
-        random_sub = sub.sample_like(torch.Generator().manual_seed(seed))
-        rows: dict[str, dict[str, float]] = {}
-        for label, mask, mode in (("full model", None, None), ("subnetwork only", sub, "keep"),
-                                  ("subnetwork ablated", sub, "ablate"),
-                                  ("random same-size ablated", random_sub, "ablate")):
-            if mask is None:
-                rows[label] = {k: self.task.accuracy(model, s) for k, s in sets.items()}
-            else:
-                with apply_subnetwork(model, mask, mode):
-                    rows[label] = {k: self.task.accuracy(model, s) for k, s in sets.items()}
-        return {"accuracy": rows, "density": sub.density(), "kept": sub.kept(),
-                "per_layer_density": sub.per_layer_density()}
+        metrics = {k: (lambda m, s=s: self.task.accuracy(m, s)) for k, s in sets.items()}
+        return verify_subnetwork(model, sub, metrics, seed)
 
     def splits(self, seed: int) -> TargetSplits:
         return make_target_splits(self.exprs["target"], self.spec, max(self.cfg.grid),
                                   self.cfg.n_val, self.cfg.n_test, seed=seed)
-
-    def condition_model(self, condition: str, trained: nn.Module, sub: Subnetwork,
-                        seed: int) -> nn.Module:
-        """The starting model of one condition; fresh weights are the same across conditions."""
-        gen = torch.Generator().manual_seed(seed)
-        if condition == "full":
-            return copy.deepcopy(trained)
-        if condition == "random":
-            return fresh_init(trained, seed)
-        mask = {"subnet": sub, "sampled": sub.sample_like(gen),
-                "complement": sub.sample_complement(gen)}[condition]
-        return transplant(trained, mask, freeze=self.cfg.freeze,
-                          keep_unmasked=self.cfg.keep_unmasked, seed=seed)
 
     def cell(self, layers: int, n: int, seed: int, trained: nn.Module,
              sub: Subnetwork) -> list[dict[str, Any]]:
@@ -288,7 +253,8 @@ class ArithmeticRun:
         run_seed = (self.cfg.seed + seed) * 100_003 + layers * 1009 + n
         rows = []
         for condition in self.cfg.conditions:
-            model = self.condition_model(condition, trained, sub, run_seed)
+            model = starting_model(condition, trained, sub, run_seed, freeze=self.cfg.freeze,
+                                   keep_unmasked=self.cfg.keep_unmasked)
             result = fit(model, [train], self.task.loss, self.cfg.induction_fit, seed=run_seed,
                          evaluate=lambda m, v=val: self.task.accuracy(m, v),
                          desc=f"{condition} L{layers} n={n} s{seed}")

@@ -1,0 +1,66 @@
+"""Pieces every Subtask Induction experiment shares: config layering, the conditions compared,
+and the verification of a discovered subnetwork."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from instill.core import Subnetwork, apply_subnetwork, fresh_init, transplant
+
+CONDITIONS = ("subnet", "sampled", "complement", "full", "random")
+
+
+def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """Recursive dict update: nested sections are merged key by key, not replaced."""
+    out = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def starting_model(condition: str, trained: nn.Module, sub: Subnetwork, seed: int, *,
+                   freeze: bool = True, keep_unmasked: bool = True) -> nn.Module:
+    """The model a condition starts training from. The fresh weights depend only on `seed`, so
+    `subnet`, `sampled`, `complement` and `random` share them within a cell.
+
+    - subnet: the discovered subnetwork transplanted (Subtask Induction);
+    - sampled: a random mask with the same count per layer, transplanted;
+    - complement: like sampled, drawn only outside the subnetwork;
+    - full: the whole trained model (full model transfer);
+    - random: a freshly initialized model.
+    """
+    if condition == "full":
+        return copy.deepcopy(trained)
+    if condition == "random":
+        return fresh_init(trained, seed)
+    gen = torch.Generator().manual_seed(seed)
+    masks = {"subnet": lambda: sub, "sampled": lambda: sub.sample_like(gen),
+             "complement": lambda: sub.sample_complement(gen)}
+    if condition not in masks:
+        raise ValueError(f"unknown condition {condition!r}; choose from {list(CONDITIONS)}")
+    return transplant(trained, masks[condition](), freeze=freeze, keep_unmasked=keep_unmasked,
+                      seed=seed)
+
+
+def verify_subnetwork(model: nn.Module, sub: Subnetwork,
+                      metrics: dict[str, Callable[[nn.Module], float]],
+                      seed: int) -> dict[str, Any]:
+    """Each metric on the full model, the subnetwork alone, the subnetwork ablated and a random
+    same-size subnetwork ablated; plus density overall and per layer."""
+    random_sub = sub.sample_like(torch.Generator().manual_seed(seed))
+    rows: dict[str, dict[str, float]] = {"full model": {k: f(model) for k, f in metrics.items()}}
+    for label, mask, mode in (("subnetwork only", sub, "keep"),
+                              ("subnetwork ablated", sub, "ablate"),
+                              ("random same-size ablated", random_sub, "ablate")):
+        with apply_subnetwork(model, mask, mode):
+            rows[label] = {k: f(model) for k, f in metrics.items()}
+    return {"accuracy": rows, "density": sub.density(), "kept": sub.kept(),
+            "per_layer_density": sub.per_layer_density()}
