@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 
 import pytest
 from click.testing import CliRunner
@@ -119,3 +120,11 @@ def test_presets_and_overrides_layer_in_order():
     assert load_config("paper").numbers == 1000
     with pytest.raises(ConfigError, match="unknown preset"):
         load_config("huge")
+
+
+def test_worker_processes_give_the_same_results(tiny_run, tmp_path):
+    cfg, out, _ = tiny_run
+    for name in ("config.json", "base", "subnetworks"):  # only the cells are recomputed
+        (shutil.copytree if (out / name).is_dir() else shutil.copy)(out / name, tmp_path / name)
+    run_arithmetic(cfg, tmp_path, log=lambda _: None, workers=2)
+    assert (tmp_path / "results.csv").read_text() == (out / "results.csv").read_text()

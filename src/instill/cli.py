@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -76,9 +77,11 @@ def main() -> None:
 @click.option("--loss", type=click.Choice(["lm", "answer"]),
               help="Language-modelling loss on the whole sequence (paper) or answer only.")
 @click.option("--threads", type=int, default=1, show_default=True,
-              help="Torch threads (tiny models run fastest on one).")
+              help="Torch threads per process (tiny models run fastest on one).")
+@click.option("--workers", type=int, default=None,
+              help="Processes running induction cells side by side [default: CPU count].")
 @user_errors
-def arithmetic(preset, config_file, out, threads, **flags) -> None:
+def arithmetic(preset, config_file, out, threads, workers, **flags) -> None:
     """Modular arithmetic: data efficiency of Subtask Induction against its controls."""
     from instill.experiments.arithmetic import load_config, run_arithmetic
     from instill.runio import load_config_file
@@ -97,7 +100,8 @@ def arithmetic(preset, config_file, out, threads, **flags) -> None:
         preset = "paper" if config_file else "quick"
     cfg = load_config(preset, file_values, overrides)
     start = time.perf_counter()
-    summary = run_arithmetic(cfg, out, log=click.echo, threads=threads)
+    workers = workers or os.cpu_count() or 1
+    summary = run_arithmetic(cfg, out, log=click.echo, threads=threads, workers=workers)
     from instill.experiments.arithmetic_report import headline
 
     click.echo(headline(cfg, summary))

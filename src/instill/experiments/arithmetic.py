@@ -16,12 +16,17 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from instill.checkpoint import load_model, save_model
 from instill.core import MaskConfig, Subnetwork
 from instill.errors import ConfigError
-from instill.experiments.common import CONDITIONS, merge, starting_model, verify_subnetwork
+from instill.experiments.common import (
+    CONDITIONS,
+    map_cells,
+    merge,
+    starting_model,
+    verify_subnetwork,
+)
 from instill.models import build_model, logits_of
 from instill.runio import RunDir, from_dict, to_dict, write_json
 from instill.tasks.arithmetic import (
@@ -162,8 +167,10 @@ class SequenceTask:
 class ArithmeticRun:
     """One run directory: each phase reads what earlier phases wrote, and skips finished work."""
 
-    def __init__(self, cfg: ArithmeticConfig, out: str | Path, log=print) -> None:
+    def __init__(self, cfg: ArithmeticConfig, out: str | Path, log=print,
+                 threads: int = 1, workers: int = 1) -> None:
         self.cfg, self.log = cfg, log
+        self.threads, self.workers = threads, workers
         self.run = RunDir(out)
         self.spec = cfg.spec
         self.task = SequenceTask(self.spec, cfg.loss)
@@ -281,8 +288,14 @@ class ArithmeticRun:
             model = self.base_model(layers)
             sub = self.subnetwork(layers, model)
             verify[f"L{layers}"] = self.verify(layers, model, sub)
-            for n, seed in tqdm(cells, desc=f"induction L{layers}", disable=None):
-                rows += self.cell(layers, n, seed, model, sub)
+            if self.workers > 1:
+                jobs = [(to_dict(self.cfg), str(self.run.root), layers, n, seed, self.threads)
+                        for n, seed in cells]
+                done = map_cells(_cell_worker, jobs, self.workers, f"induction L{layers}")
+            else:
+                done = map_cells(lambda job, d=layers, m=model, s=sub: self.cell(d, *job, m, s),
+                                 cells, 1, f"induction L{layers}")
+            rows += [row for cell_rows in done for row in cell_rows]
         write_json(self.run.path("verify.json"), verify)
         return write_report(self.run, self.cfg, rows, verify, problems)
 
@@ -293,15 +306,25 @@ def _acc(pred: Tensor, seqs: Tensor, expr: Expression, spec: ArithmeticSpec) -> 
     return (pred == truth).float().mean().item()
 
 
-def run_arithmetic(cfg: ArithmeticConfig, out: str | Path, log=print,
-                   threads: int = 1) -> dict[str, Any]:
+def _cell_worker(job: tuple) -> list[dict[str, Any]]:
+    """One induction cell in a worker process: reload the run's base model and subnetwork."""
+    config, out, layers, n, seed, threads = job
+    torch.set_num_threads(threads)
+    run = ArithmeticRun(from_dict(ArithmeticConfig, config), out, log=lambda _: None)
+    model = run.base_model(layers)
+    return run.cell(layers, n, seed, model, run.subnetwork(layers, model))
+
+
+def run_arithmetic(cfg: ArithmeticConfig, out: str | Path, log=print, threads: int = 1,
+                   workers: int = 1) -> dict[str, Any]:
     """Run the whole experiment into `out`; returns the summary.
 
-    `threads` sets torch's intra-op threads: these models are tiny, and one thread per process
-    is fastest (more threads spin against each other on a busy machine).
+    `threads` sets torch's intra-op threads per process: these models are tiny, and one thread
+    is fastest (more threads spin against each other on a busy machine). `workers` processes
+    run induction cells side by side; results do not depend on either.
     """
     torch.set_num_threads(threads)
-    return ArithmeticRun(cfg, out, log).execute()
+    return ArithmeticRun(cfg, out, log, threads, workers).execute()
 
 
 __all__ = ["PRESETS", "ArithmeticConfig", "ArithmeticRun", "load_config", "run_arithmetic"]

@@ -4,11 +4,14 @@ and the verification of a discovered subnetwork."""
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+import multiprocessing
+import signal
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from instill.core import Subnetwork, apply_subnetwork, fresh_init, transplant
 
@@ -64,3 +67,38 @@ def verify_subnetwork(model: nn.Module, sub: Subnetwork,
             rows[label] = {k: f(model) for k, f in metrics.items()}
     return {"accuracy": rows, "density": sub.density(), "kept": sub.kept(),
             "per_layer_density": sub.per_layer_density()}
+
+
+def _ignore_sigint() -> None:
+    """Workers leave Ctrl-C to the parent, which stops them all and prints how to resume."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _indexed(job: tuple[Callable[[Any], Any], int, Any]) -> tuple[int, Any]:
+    worker, index, args = job
+    return index, worker(args)
+
+
+def map_cells(worker: Callable[[Any], Any], jobs: Sequence[Any], workers: int = 1,
+              desc: str = "cells") -> list[Any]:
+    """`[worker(job) for job in jobs]`, in `workers` processes when more than one.
+
+    Cells are independent and seeded, so the results do not depend on `workers`. `worker` must
+    be a module-level function (it is sent to fresh `spawn` processes).
+    """
+    if workers <= 1 or len(jobs) <= 1:
+        return [worker(job) for job in tqdm(jobs, desc=desc, disable=None)]
+    results: list[Any] = [None] * len(jobs)
+    pool = multiprocessing.get_context("spawn").Pool(min(workers, len(jobs)), _ignore_sigint)
+    try:
+        tasks = [(worker, i, job) for i, job in enumerate(jobs)]
+        for index, result in tqdm(pool.imap_unordered(_indexed, tasks), total=len(jobs),
+                                  desc=desc, disable=None):
+            results[index] = result
+        pool.close()
+    except BaseException:
+        pool.terminate()
+        raise
+    finally:
+        pool.join()
+    return results
