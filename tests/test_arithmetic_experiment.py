@@ -54,7 +54,9 @@ def test_tiny_run_writes_every_output_well_formed(tiny_run):
     assert recorded["config"]["numbers"] == 14 and recorded["seed"] == cfg.seed
     assert "torch" in recorded["packages"]
     report = (out / "report.md").read_text()
-    assert "Subtask Induction reached" in report and "data_efficiency.png" in report
+    assert "Disambiguation samples needed to reach 0.95" in report
+    assert "data_efficiency.png" in report and "`numbers`: 14 (paper: 1000)" in report
+    assert "`base_fit.epochs`: 3 (paper: 50)" in report
 
 
 def test_rerun_resumes_without_retraining(tiny_run, monkeypatch):

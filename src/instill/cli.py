@@ -76,9 +76,9 @@ def main() -> None:
                                    "random.")
 @click.option("--loss", type=click.Choice(["lm", "answer"]),
               help="Language-modelling loss on the whole sequence (paper) or answer only.")
-@click.option("--threads", type=int, default=1, show_default=True,
+@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True,
               help="Torch threads per process (tiny models run fastest on one).")
-@click.option("--workers", type=int, default=None,
+@click.option("--workers", type=click.IntRange(min=1), default=None,
               help="Processes running induction cells side by side [default: CPU count].")
 @user_errors
 def arithmetic(preset, config_file, out, threads, workers, **flags) -> None:

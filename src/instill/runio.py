@@ -204,8 +204,20 @@ def save_tensors(
         if not isinstance(key, str) or not isinstance(value, str):
             raise TypeError(f"safetensors metadata must be str -> str, got {key!r} -> {value!r}")
     plain = {key: value.detach().cpu().contiguous() for key, value in tensors.items()}
-    with atomic_path(path) as tmp:
-        safetensors.torch.save_file(plain, tmp, metadata=meta or None)
+    atomic_write_bytes(path, _sorted_header(safetensors.torch.save(plain, metadata=meta or None)))
+
+
+def _sorted_header(data: bytes) -> bytes:
+    """Rewrite a safetensors header with sorted keys, so equal content gives equal bytes.
+
+    safetensors writes `__metadata__` in hash-map order, which changes from process to process.
+    Offsets in the header are relative to the data, so the data bytes are kept as they are.
+    """
+    size = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + size])
+    text = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    text += b" " * (-len(text) % 8)  # keep the data 8-byte aligned, as safetensors does
+    return len(text).to_bytes(8, "little") + text + data[8 + size :]
 
 
 def _not_safetensors(path: Path, reason: str) -> FileFormatError:

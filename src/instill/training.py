@@ -105,7 +105,11 @@ def fit(model: nn.Module, data: Sequence[Tensor], loss_fn: LossFn, cfg: FitConfi
     bar = tqdm(range(cfg.epochs), desc=desc, leave=False, disable=None)
     try:
         for epoch in bar:
-            loss = run_epoch(model, data, loss_fn, optimizer, cfg.batch_size, generator, epoch)
+            try:
+                loss = run_epoch(model, data, loss_fn, optimizer, cfg.batch_size, generator,
+                                 epoch)
+            except TrainingError as err:
+                raise TrainingError(f"{desc}: {err}") from None
             row = {"epoch": epoch, "loss": loss}
             if evaluate is not None:
                 row["val"] = score = evaluate(model)
@@ -164,8 +168,11 @@ def discover(model: nn.Module, data: Sequence[Tensor], loss_fn: LossFn, cfg: Dis
 
     try:
         for epoch in tqdm(range(cfg.epochs), desc=desc, leave=False, disable=None):
-            loss = run_epoch(masked, data, penalized, optimizer, cfg.batch_size, generator,
-                             epoch)
+            try:
+                loss = run_epoch(masked, data, penalized, optimizer, cfg.batch_size, generator,
+                                 epoch)
+            except TrainingError as err:
+                raise TrainingError(f"{desc}: {err}") from None
             masked.temperature *= growth
             history.append({"epoch": epoch, "loss": loss,
                             "density": masked.subnetwork().density(),

@@ -19,7 +19,8 @@ from torch import Tensor, nn
 
 from instill.checkpoint import load_model, save_model
 from instill.core import MaskConfig, Subnetwork
-from instill.errors import ConfigError
+from instill.core.targets import select_parameters
+from instill.errors import ConfigError, ExpressionError, FileFormatError, SubnetworkMismatchError
 from instill.experiments.common import (
     CONDITIONS,
     map_cells,
@@ -81,8 +82,13 @@ class ArithmeticConfig:
 
     def __post_init__(self) -> None:
         self.spec  # noqa: B018  (validates numbers and modulus)
-        for name in ("base", "subtask", "target", *self.alternatives):
-            parse(getattr(self, name, name))
+        named = [("base", self.base), ("subtask", self.subtask), ("target", self.target),
+                 *((f"alternatives[{i}]", alt) for i, alt in enumerate(self.alternatives))]
+        for name, text in named:
+            try:
+                parse(text)
+            except ExpressionError as err:
+                raise ConfigError(f"{name}: {err}") from None
         if not self.layers or min(self.layers) < 1:
             raise ConfigError(f"layers must be a non-empty list of depths >= 1, got {self.layers}")
         if self.n_embd % self.n_head:
@@ -115,8 +121,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         "base_fit": {"epochs": 30, "batch_size": 128, "lr": 2e-3, "patience": 4},
         "subtask_samples": 10_000,
         "discovery": {"epochs": 10, "batch_size": 250, "lr": 1e-2},
-        "grid": [0, 25, 100, 400, 1600],
-        "induction_fit": {"epochs": 40, "batch_size": 64, "lr": 1e-3},
+        "grid": [0, 25, 100, 250, 400, 640, 1000, 1600],
+        "induction_fit": {"epochs": 60, "batch_size": 64, "lr": 1e-3},
         "n_val": 500,
         "n_test": 1000,
     },
@@ -190,6 +196,10 @@ class ArithmeticRun:
     def prepare(self) -> list[str]:
         """Check the config against an earlier run in the same directory; record it."""
         problems = check_ambiguity(self.exprs["target"], self.alternatives, self.spec)
+        mask = self.cfg.discovery.mask
+        with torch.random.fork_rng(devices=[]):  # fail before training, not after it
+            for layers in self.cfg.layers:
+                select_parameters(self.build(layers), mask.targets, mask.exclude, mask.mask_bias)
         config = to_dict(self.cfg)
         self.run.check_compatible(config)
         if not self.run.exists("config.json"):
@@ -201,7 +211,10 @@ class ArithmeticRun:
         path = self.run.path(f"base/L{layers}.safetensors")
         model = self.build(layers)
         if path.exists():
-            load_model(path, model)
+            try:
+                load_model(path, model)
+            except FileFormatError as err:
+                raise _unusable(err, path, "retrain it") from None
             return model.eval()
         seed = self.cfg.seed * 1000 + layers
         torch.manual_seed(seed)
@@ -224,8 +237,14 @@ class ArithmeticRun:
         """Phase 2: discover (or load) the subnetwork for the subtask."""
         path = self.run.path(f"subnetworks/L{layers}.safetensors")
         if path.exists():
-            return Subnetwork.load(path)
+            try:
+                sub = Subnetwork.load(path)
+                sub.check_model(model)
+            except (FileFormatError, SubnetworkMismatchError) as err:
+                raise _unusable(err, path, "rediscover it") from None
+            return sub
         seed = self.cfg.seed * 1000 + layers + 500
+        torch.manual_seed(seed)  # anything drawn from the global generator is seeded too
         data = self.sequences("subtask", self.cfg.subtask_samples, seed)
         sub, history = discover(model, [data], self.task.loss, self.cfg.discovery, seed=seed,
                                 desc=f"discover L{layers}")
@@ -253,13 +272,18 @@ class ArithmeticRun:
         """Phase 4 unit of work: every condition trained on the same target data."""
         path = self.run.path(f"cells/L{layers}-n{n}-s{seed}.json")
         if path.exists():
-            return json.loads(path.read_text())["rows"]
+            try:
+                return json.loads(path.read_text())["rows"]
+            except (ValueError, KeyError, TypeError) as err:
+                raise _unusable(FileFormatError(f"{path} is not a finished cell ({err})"), path,
+                                "recompute it") from None
         splits = self.splits(self.cfg.seed + seed)
         train, val, test = splits.train_sequences(n), splits.val_sequences(), \
             splits.test_sequences()
         run_seed = (self.cfg.seed + seed) * 100_003 + layers * 1009 + n
         rows = []
         for condition in self.cfg.conditions:
+            torch.manual_seed(run_seed)  # dropout: the same draws in a fresh or resumed run
             model = starting_model(condition, trained, sub, run_seed, freeze=self.cfg.freeze,
                                    keep_unmasked=self.cfg.keep_unmasked)
             result = fit(model, [train], self.task.loss, self.cfg.induction_fit, seed=run_seed,
@@ -297,7 +321,16 @@ class ArithmeticRun:
                                  cells, 1, f"induction L{layers}")
             rows += [row for cell_rows in done for row in cell_rows]
         write_json(self.run.path("verify.json"), verify)
+        phases = [name for d in self.cfg.layers for name in (
+            f"base/L{d}.safetensors", f"base/L{d}.json", f"subnetworks/L{d}.safetensors",
+            f"subnetworks/L{d}.json", *(f"cells/L{d}-n{n}-s{s}.json" for n, s in cells))]
+        self.run.record_outputs([name for name in phases if self.run.exists(name)])
         return write_report(self.run, self.cfg, rows, verify, problems)
+
+
+def _unusable(err: Exception, path: Path, redo: str) -> FileFormatError:
+    """A damaged or foreign file in the run directory: say which, and how to redo it."""
+    return FileFormatError(f"{err}; delete {path} and rerun the same command to {redo}")
 
 
 def _acc(pred: Tensor, seqs: Tensor, expr: Expression, spec: ArithmeticSpec) -> float:

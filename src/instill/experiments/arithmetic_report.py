@@ -36,13 +36,17 @@ def summarize(cfg, rows: list[dict], verify: dict, problems: list[str]) -> dict[
     curves = _mean_by(rows, "test_accuracy")
     alts = {alt: _mean_by(rows, f"accuracy[{alt}]") for alt in cfg.alternatives}
     reach = {c: samples_to_threshold(curves[c], cfg.threshold) for c in cfg.conditions}
-    ratio = None
-    if reach.get("random") is not None and reach.get("subnet"):
-        ratio = reach["random"] / reach["subnet"]
+    ratio = bound = None
+    if reach.get("subnet") and "random" in reach:
+        if reach["random"] is not None:
+            ratio = reach["random"] / reach["subnet"]
+        else:  # random init never got there: the ratio exceeds the grid's end over subnet
+            bound = max(cfg.grid) / reach["subnet"]
     return {
         "threshold": cfg.threshold,
         "samples_to_threshold": reach,
         "ratio_random_to_subnet": ratio,
+        "ratio_random_to_subnet_exceeds": bound,
         "mean_test_accuracy": {c: {str(n): a for n, a in curves[c].items()}
                                for c in cfg.conditions},
         "mean_accuracy_under_alternatives": {
@@ -54,22 +58,18 @@ def summarize(cfg, rows: list[dict], verify: dict, problems: list[str]) -> dict[
 
 
 def headline(cfg, summary: dict) -> str:
-    """The result in one sentence."""
+    """The result in one sentence: samples each condition needed to reach the threshold."""
     reach, curves = summary["samples_to_threshold"], summary["mean_test_accuracy"]
 
     def said(c: str) -> str:
-        if c not in reach:
-            return ""
         if reach[c] is None:
             best = max(curves[c].values())
-            return f"{LABELS[c]} never did within the grid (best {best:.2f})"
-        return f"{LABELS[c]} needed {reach[c]}"
+            return f"{LABELS[c]} never within n <= {max(cfg.grid)} (best {best:.2f})"
+        return f"{LABELS[c]} {reach[c]}"
 
-    others = [said(c) for c in cfg.conditions if c != "subnet"]
-    return (f"Subtask Induction reached {cfg.threshold:.2f} test accuracy on `{cfg.target}` with "
-            f"{reach.get('subnet', 'n/a')} disambiguation samples "
-            f"(mean over {cfg.seeds} seed(s) and depths {cfg.layers}); "
-            + "; ".join(o for o in others if o) + ".")
+    return (f"Disambiguation samples needed to reach {cfg.threshold:.2f} test accuracy on "
+            f"`{cfg.target}` (mean over {cfg.seeds} seed(s), depths {cfg.layers}): "
+            + "; ".join(said(c) for c in cfg.conditions) + ".")
 
 
 def write_csv(run: RunDir, cfg, rows: list[dict]) -> None:
@@ -129,6 +129,30 @@ def plot(run: RunDir, cfg, rows: list[dict]) -> None:
     plt.close(fig)
 
 
+WHY = ("Why: smaller problems (fewer numbers, depths, samples and epochs) make a run fit a CPU in "
+       "minutes; higher learning rates make up for fewer epochs; `loss: answer` trains on the "
+       "answer token only, which learns faster in few steps than the paper's whole-sequence "
+       "`lm` loss (available as `--loss lm`). `instill arithmetic --preset paper` restores "
+       "every setting.")
+
+
+def _ratio_line(summary: dict, cfg) -> str:
+    if summary["ratio_random_to_subnet"] is not None:
+        return f"Ratio random / subnet: {summary['ratio_random_to_subnet']:.2f}."
+    if summary["ratio_random_to_subnet_exceeds"] is not None:
+        return (f"Ratio random / subnet: more than {summary['ratio_random_to_subnet_exceeds']:.1f}"
+                f" (random init never reached {cfg.threshold} within n <= {max(cfg.grid)}).")
+    return "Ratio random / subnet: undefined (Subtask Induction did not reach the threshold)."
+
+
+def _differences(ours: Any, paper: Any, key: str = "") -> list[str]:
+    """Dotted keys whose values differ, down to the leaves of nested sections."""
+    if isinstance(ours, dict) and isinstance(paper, dict):
+        return [d for k in paper for d in _differences(ours.get(k), paper[k],
+                                                       f"{key}.{k}" if key else k)]
+    return [] if ours == paper else [f"`{key}`: {ours} (paper: {paper})"]
+
+
 def _table(header: list[str], rows: list[list[Any]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
@@ -141,8 +165,7 @@ def markdown(cfg, summary: dict, verify: dict) -> str:
 
     paper = to_dict(ArithmeticConfig())
     ours = to_dict(cfg)
-    differs = [f"`{k}`: {ours[k]} (paper: {paper[k]})" for k in paper if ours[k] != paper[k]
-               and k not in ("seed",)]
+    differs = _differences(ours, paper)
     verify_rows = []
     for depth, v in verify.items():
         for label, acc in v["accuracy"].items():
@@ -163,6 +186,7 @@ def markdown(cfg, summary: dict, verify: dict) -> str:
         f" {cfg.n_head} heads, depths {cfg.layers}; {cfg.seeds} seed(s); loss `{cfg.loss}`.",
         "Settings that differ from the paper's:\n\n" + ("\n".join(f"- {d}" for d in differs)
                                                          or "- none"),
+        WHY if differs else "",
         "## Verification of the subnetwork",
         f"Density (kept fraction of the masked weights): {density}.",
         _table(["depth", "model", "subtask accuracy", "base accuracy"], verify_rows),
@@ -172,7 +196,7 @@ def markdown(cfg, summary: dict, verify: dict) -> str:
         _table(["condition", f"samples to {cfg.threshold}"],
                [[LABELS[c], reach[c] if reach[c] is not None else "never"]
                 for c in cfg.conditions]),
-        f"Ratio random / subnet: {summary['ratio_random_to_subnet']}",
+        _ratio_line(summary, cfg),
         ("Ambiguity problems: " + "; ".join(summary["ambiguity_problems"]))
         if summary["ambiguity_problems"] else "The ambiguous set fits every alternative.",
     ]) + "\n"
