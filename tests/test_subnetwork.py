@@ -109,3 +109,12 @@ def test_subnetwork_from_another_architecture_names_the_offender():
     with pytest.raises(SubnetworkMismatchError, match="does not have"), \
             instill.apply_subnetwork(mlp, sub):
         pass
+
+
+def test_random_controls_do_not_depend_on_the_order_of_names():
+    sub = random_sub(4, 0.3)
+    reordered = instill.Subnetwork(dict(reversed(sub.masks.items())), sub.fingerprint)
+    for draw in ("sample_like", "sample_complement"):
+        a = getattr(sub, draw)(torch.Generator().manual_seed(0))
+        b = getattr(reordered, draw)(torch.Generator().manual_seed(0))
+        assert a == b

@@ -98,14 +98,19 @@ class Subnetwork:
 
     # -- random controls -------------------------------------------------------------------
     def sample_like(self, generator: torch.Generator | None = None) -> Subnetwork:
-        """A random subnetwork keeping the same number of entries in every parameter."""
-        return self._with({n: _random_subset(torch.ones_like(m), int(m.sum()), generator)
-                           for n, m in self.masks.items()})
+        """A random subnetwork keeping the same number of entries in every parameter.
+
+        Tensors are drawn in sorted name order, so the result does not depend on dict order
+        (a subnetwork read from a file may list its names in another order)."""
+        drawn = {n: _random_subset(torch.ones_like(self.masks[n]), int(self.masks[n].sum()),
+                                   generator) for n in sorted(self.masks)}
+        return self._with({n: drawn[n] for n in self.masks})
 
     def sample_complement(self, generator: torch.Generator | None = None) -> Subnetwork:
         """Like `sample_like`, but drawn only from entries outside this subnetwork."""
         masks = {}
-        for name, mask in self.masks.items():
+        for name in sorted(self.masks):  # draw in name order: a loaded file lists names sorted
+            mask = self.masks[name]
             k, free = int(mask.sum()), int((~mask).sum())
             if free < k:
                 raise InstillError(
@@ -114,7 +119,7 @@ class Subnetwork:
                     "or a sparser subnetwork"
                 )
             masks[name] = _random_subset(~mask, k, generator)
-        return self._with(masks)
+        return self._with({n: masks[n] for n in self.masks})
 
     # -- models ----------------------------------------------------------------------------
     def check_model(self, model: nn.Module) -> None:
