@@ -109,5 +109,98 @@ def arithmetic(preset, config_file, out, threads, workers, **flags) -> None:
     click.echo(f"done in {time.perf_counter() - start:.0f} s; report: {out / 'report.md'}")
 
 
+@main.command()
+@click.option("--preset", type=click.Choice(["quick", "paper"]), default=None,
+              help="Built-in settings: 'quick' (about 10 minutes on a 2-core CPU; the default) "
+                   "or 'paper' (bigger world and model, the paper's optimizers; GPU-sized).")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False, path_type=Path),
+              help="YAML or JSON file of config values (unknown keys are errors).")
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Run directory; rerunning with the same directory resumes.")
+@click.option("--arch", help="Architecture: resnet or vit.")
+@click.option("--classes", type=int, help="Number of shape (= texture) classes, 2..12.")
+@click.option("--size", type=int, help="Image side in pixels.")
+@click.option("--rho", type=float, help="Probability that a natural image's texture agrees "
+                                        "with its shape.")
+@click.option("--seeds", type=int, help="Number of seeds per downstream size.")
+@click.option("--seed", type=int, help="Base random seed.")
+@click.option("--grid", help="Comma-separated downstream natural training-set sizes.")
+@click.option("--conditions", help="Comma-separated subset of subnet,sampled,complement,full,"
+                                   "random,random_aug,random_subnet.")
+@click.option("--train-dir", help="Class-per-folder natural images (replaces the generated "
+                                  "natural sets; val/test held out by a seeded permutation).")
+@click.option("--shape-dir", help="Class-per-folder shape-only (e.g. mean-pooled) images.")
+@click.option("--cue-conflict-dir", help="Geirhos-style cue-conflict images "
+                                         "(e.g. dog10-bird2.png).")
+@click.option("--threads", type=int, default=1, show_default=True,
+              help="Torch threads (small models run fastest on one).")
+@click.option("--device", default="cpu", show_default=True, help="Torch device, e.g. cuda.")
+@user_errors
+def shapebias(preset, config_file, out, threads, device, **flags) -> None:
+    """Shape bias: instill a shape subnetwork in image classifiers (ResNet or ViT)."""
+    from instill.experiments.shapebias import ARCHS, load_config, run_shapebias
+    from instill.runio import load_config_file
+
+    if flags["arch"] is not None and flags["arch"] not in ARCHS:
+        raise ConfigError(f"unknown --arch {flags['arch']!r}; choose one of {list(ARCHS)}")
+    overrides = {
+        **{k: v for k, v in flags.items() if v is not None and k in (
+            "arch", "classes", "size", "rho", "seeds", "seed", "train_dir", "shape_dir",
+            "cue_conflict_dir")},
+        "grid": _ints(flags["grid"], "grid"),
+        "conditions": _strings(flags["conditions"]),
+    }
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    file_values = load_config_file(config_file) if config_file else None
+    if preset is None:
+        preset = "paper" if config_file else "quick"
+    cfg = load_config(preset, file_values, overrides)
+    start = time.perf_counter()
+    summary = run_shapebias(cfg, out, log=click.echo, threads=threads, device=device)
+    click.echo(summary["headline"])
+    click.echo(f"done in {time.perf_counter() - start:.0f} s; report: {out / 'report.md'}")
+
+
+@main.group()
+def shapes() -> None:
+    """The generated shape/texture world."""
+
+
+@shapes.command("preview")
+@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="PNG file to write.")
+@click.option("--classes", type=int, default=8, show_default=True,
+              help="Number of shape (= texture) classes, 2..12.")
+@click.option("--size", type=int, default=32, show_default=True, help="Image side in pixels.")
+@click.option("--rho", type=float, default=0.9, show_default=True,
+              help="Probability that a natural image's texture agrees with its shape.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Random seed.")
+@click.option("--per-split", type=int, default=8, show_default=True,
+              help="Images per split (row).")
+@user_errors
+def shapes_preview(out, classes, size, rho, seed, per_split) -> None:
+    """Write a grid of natural, shape_only and cue_conflict examples."""
+    from instill.tasks.shapes import ShapeWorld, preview_grid
+
+    world = ShapeWorld(classes=classes, size=size, rho=rho)
+    click.echo(f"wrote {preview_grid(world, seed, out, per_split=per_split)}")
+
+
+@main.command()
+@click.argument("in_dir", type=click.Path(path_type=Path))
+@click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--method", type=click.Choice(["slic", "felzenszwalb"]), default="slic",
+              show_default=True, help="Superpixel segmentation.")
+@click.option("--segments", type=int, default=64, show_default=True,
+              help="About how many segments per image.")
+@user_errors
+def meanpool(in_dir, out_dir, method, segments) -> None:
+    """Mean-pool every image of IN_DIR into OUT_DIR (texture removed, shape kept); resumes."""
+    from instill.tasks.images import mean_pool_folder
+
+    written = mean_pool_folder(in_dir, out_dir, method=method, n_segments=segments)
+    click.echo(f"wrote {written} image(s) to {out_dir}")
+
+
 if __name__ == "__main__":
     main()
