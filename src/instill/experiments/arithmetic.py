@@ -23,8 +23,8 @@ from instill.core.targets import select_parameters
 from instill.errors import ConfigError, ExpressionError, FileFormatError, SubnetworkMismatchError
 from instill.experiments.common import (
     CONDITIONS,
+    layered_config,
     map_cells,
-    merge,
     starting_model,
     verify_subnetwork,
 )
@@ -132,12 +132,8 @@ PRESETS: dict[str, dict[str, Any]] = {
 def load_config(preset: str | None = "paper", file_values: dict | None = None,
                 overrides: dict | None = None) -> ArithmeticConfig:
     """Defaults, then the preset, then a config file's values, then command-line overrides."""
-    if preset is not None and preset not in PRESETS:
-        raise ConfigError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
-    values = to_dict(ArithmeticConfig())
-    for layer in (PRESETS.get(preset or "paper", {}), file_values or {}, overrides or {}):
-        values = merge(values, layer)
-    return from_dict(ArithmeticConfig, values, where="arithmetic config")
+    return layered_config(ArithmeticConfig, PRESETS, preset, file_values, overrides,
+                          "arithmetic config")
 
 
 # -- the task -------------------------------------------------------------------------------

@@ -29,6 +29,21 @@ def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def layered_config(cls: type, presets: dict[str, dict[str, Any]], preset: str | None,
+                   file_values: dict | None, overrides: dict | None, where: str) -> Any:
+    """Build `cls` from its defaults, then the preset, a config file's values and command-line
+    overrides, in that order; unknown presets and keys are clear errors."""
+    from instill.errors import ConfigError
+    from instill.runio import from_dict, to_dict
+
+    if preset is not None and preset not in presets:
+        raise ConfigError(f"unknown preset {preset!r}; choose one of {sorted(presets)}")
+    values = to_dict(cls())
+    for layer in (presets.get(preset or "paper", {}), file_values or {}, overrides or {}):
+        values = merge(values, layer)
+    return from_dict(cls, values, where=where)
+
+
 def starting_model(condition: str, trained: nn.Module, sub: Subnetwork, seed: int, *,
                    freeze: bool = True, keep_unmasked: bool = True) -> nn.Module:
     """The model a condition starts training from. The fresh weights depend only on `seed`, so

@@ -38,9 +38,14 @@ from tqdm.auto import tqdm
 from instill.checkpoint import load_model, save_model
 from instill.core import MaskConfig, Subnetwork, fresh_init, transplant
 from instill.errors import ConfigError, InstillError
-from instill.experiments.common import CONDITIONS, merge, starting_model, verify_subnetwork
+from instill.experiments.common import (
+    CONDITIONS,
+    layered_config,
+    starting_model,
+    verify_subnetwork,
+)
 from instill.models import build_model, logits_of
-from instill.runio import RunDir, from_dict, to_dict, write_json
+from instill.runio import RunDir, to_dict, write_json
 from instill.tasks.images import (
     ImageSet,
     load_cue_conflict_folder,
@@ -219,12 +224,8 @@ PRESETS: dict[str, dict[str, Any]] = {
 def load_config(preset: str | None = "paper", file_values: dict | None = None,
                 overrides: dict | None = None) -> ShapeBiasConfig:
     """Defaults, then the preset, then a config file's values, then command-line overrides."""
-    if preset is not None and preset not in PRESETS:
-        raise ConfigError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
-    values = to_dict(ShapeBiasConfig())
-    for layer in (PRESETS.get(preset or "paper", {}), file_values or {}, overrides or {}):
-        values = merge(values, layer)
-    return from_dict(ShapeBiasConfig, values, where="shapebias config")
+    return layered_config(ShapeBiasConfig, PRESETS, preset, file_values, overrides,
+                          "shapebias config")
 
 
 # -- augmentation -----------------------------------------------------------------------------
