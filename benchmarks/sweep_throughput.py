@@ -55,6 +55,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
+from machine import cpu_model, load_average
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -71,22 +72,8 @@ DEFAULT_THREADS = torch.get_num_threads()  # torch's own choice, before anything
 LAYERS = 2
 
 
+
 # -- machine facts ------------------------------------------------------------------------------
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.lower().startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def load_average() -> list[float]:
-    return [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else []
-
-
 def machine_facts() -> dict[str, Any]:
     return {
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),

@@ -41,6 +41,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from machine import cpu_model, load_average
 from torch import Tensor, nn
 
 from instill.core import MaskConfig, Subnetwork, apply_subnetwork
@@ -53,22 +54,8 @@ TARGET_RE = r".*\.(c_attn|c_proj|c_fc)"
 LAYERS = 2
 
 
+
 # -- machine facts ------------------------------------------------------------------------------
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.lower().startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def load_average() -> list[float]:
-    return [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else []
-
-
 def machine_facts() -> dict[str, Any]:
     return {
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
