@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Run every benchmark from the repository root with the project's virtual environment.
 #
-#   benchmarks/run_all.sh            # default sizes (tens of minutes on a busy 2-CPU machine)
-#   benchmarks/run_all.sh --quick    # smaller sizes, a few minutes
+#   benchmarks/run_all.sh            # default sizes (about 15 minutes on a busy 2-CPU machine)
+#   benchmarks/run_all.sh --quick    # smaller sizes (about 3 minutes)
 #
 # Only --quick is passed through to each script. vs_neurosurgeon.py needs the optional
 # NeuroSurgeon package (`.venv/bin/pip install -e .[bench]`); without it a skip line is printed.
