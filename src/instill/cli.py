@@ -48,6 +48,26 @@ def _strings(text: str | None) -> list[str] | None:
     return None if text is None else [p.strip() for p in text.split(",") if p.strip()]
 
 
+def run_options(quick: str, paper: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """The options every experiment command shares: --preset, --config and --out."""
+
+    def add(fn: Callable[..., Any]) -> Callable[..., Any]:
+        for option in reversed([
+            click.option("--preset", type=click.Choice(["quick", "paper"]), default=None,
+                         help=f"Built-in settings: 'quick' ({quick}; the default) or 'paper' "
+                              f"({paper})."),
+            click.option("--config", "config_file",
+                         type=click.Path(dir_okay=False, path_type=Path),
+                         help="YAML or JSON file of config values (unknown keys are errors)."),
+            click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
+                         help="Run directory; rerunning with the same directory resumes."),
+        ]):
+            fn = option(fn)
+        return fn
+
+    return add
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="instill")
 def main() -> None:
@@ -55,13 +75,7 @@ def main() -> None:
 
 
 @main.command()
-@click.option("--preset", type=click.Choice(["quick", "paper"]), default=None,
-              help="Built-in settings: 'quick' (a few minutes on a CPU; the default) or "
-                   "'paper' (the paper's, GPU-sized).")
-@click.option("--config", "config_file", type=click.Path(dir_okay=False, path_type=Path),
-              help="YAML or JSON file of config values (unknown keys are errors).")
-@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
-              help="Run directory; rerunning with the same directory resumes.")
+@run_options("about 13 minutes on a 2-core CPU", "the paper's settings, GPU-sized")
 @click.option("--base", help="Base task expression, e.g. 'a + a*b'.")
 @click.option("--subtask", help="Subtask expression the subnetwork is found for, e.g. 'a*b'.")
 @click.option("--target", help="Target task expression, e.g. 'a^2 + a*b'.")
@@ -110,13 +124,8 @@ def arithmetic(preset, config_file, out, threads, workers, **flags) -> None:
 
 
 @main.command()
-@click.option("--preset", type=click.Choice(["quick", "paper"]), default=None,
-              help="Built-in settings: 'quick' (about 10 minutes on a 2-core CPU; the default) "
-                   "or 'paper' (bigger world and model, the paper's optimizers; GPU-sized).")
-@click.option("--config", "config_file", type=click.Path(dir_okay=False, path_type=Path),
-              help="YAML or JSON file of config values (unknown keys are errors).")
-@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
-              help="Run directory; rerunning with the same directory resumes.")
+@run_options("about 10 minutes on a 2-core CPU",
+             "bigger world and model, the paper's optimizers; GPU-sized")
 @click.option("--arch", help="Architecture: resnet or vit.")
 @click.option("--classes", type=int, help="Number of shape (= texture) classes, 2..12.")
 @click.option("--size", type=int, help="Image side in pixels.")
