@@ -59,6 +59,7 @@ class ArithmeticConfig:
     n_embd: int = 128
     n_head: int = 4
     dropout: float = 0.1
+    activation: str = "gelu_pytorch_tanh"  # "gelu_new" is the paper's (same function, 8 ops)
     loss: Literal["lm", "answer"] = "lm"
     seed: int = 0
     seeds: int = 1
@@ -183,7 +184,7 @@ class ArithmeticRun:
     def build(self, layers: int) -> nn.Module:
         return build_model("gpt2", vocab_size=self.spec.vocab_size, n_positions=4,
                            n_embd=self.cfg.n_embd, n_layer=layers, n_head=self.cfg.n_head,
-                           dropout=self.cfg.dropout)
+                           dropout=self.cfg.dropout, activation=self.cfg.activation)
 
     def sequences(self, expr: str, n: int, seed: int) -> Tensor:
         a, b = sample_pairs(n, self.spec, torch.Generator().manual_seed(seed))
@@ -311,7 +312,8 @@ class ArithmeticRun:
             if self.workers > 1:
                 jobs = [(to_dict(self.cfg), str(self.run.root), layers, n, seed, self.threads)
                         for n, seed in cells]
-                done = map_cells(_cell_worker, jobs, self.workers, f"induction L{layers}")
+                done = map_cells(_cell_worker, jobs, self.workers, f"induction L{layers}",
+                                 cost=lambda job: job[3])  # training steps grow with n
             else:
                 done = map_cells(lambda job, d=layers, m=model, s=sub: self.cell(d, *job, m, s),
                                  cells, 1, f"induction L{layers}")

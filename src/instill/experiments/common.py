@@ -95,18 +95,20 @@ def _indexed(job: tuple[Callable[[Any], Any], int, Any]) -> tuple[int, Any]:
 
 
 def map_cells(worker: Callable[[Any], Any], jobs: Sequence[Any], workers: int = 1,
-              desc: str = "cells") -> list[Any]:
+              desc: str = "cells", cost: Callable[[Any], float] | None = None) -> list[Any]:
     """`[worker(job) for job in jobs]`, in `workers` processes when more than one.
 
     Cells are independent and seeded, so the results do not depend on `workers`. `worker` must
-    be a module-level function (it is sent to fresh `spawn` processes).
+    be a module-level function (it is sent to fresh `spawn` processes). With `cost`, workers
+    take the most expensive jobs first, so no worker is left alone with a big one at the end.
     """
     if workers <= 1 or len(jobs) <= 1:
         return [worker(job) for job in tqdm(jobs, desc=desc, disable=None)]
     results: list[Any] = [None] * len(jobs)
+    order = sorted(range(len(jobs)), key=lambda i: -cost(jobs[i])) if cost else range(len(jobs))
     pool = multiprocessing.get_context("spawn").Pool(min(workers, len(jobs)), _ignore_sigint)
     try:
-        tasks = [(worker, i, job) for i, job in enumerate(jobs)]
+        tasks = [(worker, i, jobs[i]) for i in order]
         for index, result in tqdm(pool.imap_unordered(_indexed, tasks), total=len(jobs),
                                   desc=desc, disable=None):
             results[index] = result

@@ -19,9 +19,30 @@ class ContinuousSparsification(MaskMethod):
     def __init__(self, weight, mask_shape, cfg) -> None:
         super().__init__(weight, mask_shape, cfg)
         self.logits = logits_like(weight, mask_shape, cfg.init)
+        self._soft: tuple[tuple, Tensor] | None = None
 
     def soft_mask(self) -> Tensor:
-        return torch.sigmoid(self.temperature * self.logits)
+        """The sigmoid, computed once per logits version, temperature and grad mode.
+
+        A training step reads it in the forward pass and again in the penalty (and some models
+        read a weight twice per forward); reusing it saves the recomputation and its backward.
+        Backward through it drops it, so each step starts from a fresh graph.
+        """
+        key = (self.logits._version, self.temperature, torch.is_grad_enabled())
+        if self._soft is not None and self._soft[0] == key:
+            return self._soft[1]
+        mask = torch.sigmoid(self.temperature * self.logits)
+        if mask.requires_grad:
+            mask.register_hook(self._forget)
+        self._soft = (key, mask)
+        return mask
+
+    def _forget(self, grad: Tensor) -> None:
+        self._soft = None
+
+    def __getstate__(self) -> dict:
+        """Copies and pickles leave the cached mask (a graph node) behind."""
+        return {**self.__dict__, "_soft": None}
 
     def hard_mask(self) -> Tensor:
         return self.logits > 0

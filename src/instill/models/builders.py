@@ -40,12 +40,21 @@ def logits_of(output: Any) -> Tensor:
 
 @register("gpt2")
 def gpt2(vocab_size: int, n_positions: int = 8, n_embd: int = 128, n_layer: int = 2,
-         n_head: int = 4, dropout: float = 0.1) -> nn.Module:
-    """GPT-2 decoder with tied input/output embeddings (the arithmetic experiment's model)."""
-    from transformers import GPT2Config, GPT2LMHeadModel
+         n_head: int = 4, dropout: float = 0.1,
+         activation: str = "gelu_pytorch_tanh") -> nn.Module:
+    """GPT-2 decoder with tied input/output embeddings (the arithmetic experiment's model).
 
+    The default activation is GPT-2's tanh-approximated GELU computed by torch's fused kernel;
+    `"gelu_new"` is the same formula as 8 separate ops (HF's GPT-2 default, slower).
+    """
+    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers.activations import ACT2FN
+
+    if activation not in ACT2FN:
+        raise ConfigError(f"unknown activation {activation!r}; choose one of {sorted(ACT2FN)}")
     config = GPT2Config(vocab_size=vocab_size, n_positions=n_positions, n_embd=n_embd,
-                        n_layer=n_layer, n_head=n_head, resid_pdrop=dropout,
+                        n_layer=n_layer, n_head=n_head, activation_function=activation,
+                        resid_pdrop=dropout,
                         embd_pdrop=dropout, attn_pdrop=dropout, bos_token_id=None,
                         eos_token_id=None, pad_token_id=None)
     return GPT2LMHeadModel(config)
