@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Run every benchmark from the repository root with the project's virtual environment.
 #
-#   benchmarks/run_all.sh            # default sizes (about 15 minutes on a busy 2-CPU machine)
-#   benchmarks/run_all.sh --quick    # smaller sizes (about 3 minutes)
+#   benchmarks/run_all.sh            # all four, default sizes (about 40 minutes on 2 CPUs)
+#   benchmarks/run_all.sh --quick    # smaller sizes, no end-to-end runs (about 3 minutes)
 #
-# Only --quick is passed through to each script. vs_neurosurgeon.py needs the optional
+# --quick is passed through to each script; the end-to-end benchmark (both experiments' quick
+# presets, about 20 minutes) runs only without it. vs_neurosurgeon.py needs the optional
 # NeuroSurgeon package (`.venv/bin/pip install -e .[bench]`); without it a skip line is printed.
 set -euo pipefail
 
@@ -19,7 +20,7 @@ quick=()
 for arg in "$@"; do
     case $arg in
         --quick) quick=(--quick) ;;
-        -h|--help) sed -n '2,8p' "${BASH_SOURCE[0]}"; exit 0 ;;
+        -h|--help) sed -n "2,9p" "${BASH_SOURCE[0]}"; exit 0 ;;
         *) echo "run_all.sh: unknown argument $arg (only --quick)" >&2; exit 2 ;;
     esac
 done
@@ -36,7 +37,7 @@ run() {
     echo
 }
 
-run mask_overhead.py "${quick[@]}"
+run mask_overhead.py --threads 1 "${quick[@]}"
 if "$PY" -c "import NeuroSurgeon" 2>/dev/null; then
     run vs_neurosurgeon.py "${quick[@]}"
 else
@@ -44,4 +45,9 @@ else
     echo
 fi
 run sweep_throughput.py "${quick[@]}"
+if [[ ${#quick[@]} -eq 0 ]]; then
+    run end_to_end.py
+else
+    echo "=== end_to_end.py skipped with --quick (it runs the full quick presets, ~20 minutes)"
+fi
 exit $status

@@ -21,8 +21,9 @@ They differ only in how the training runs:
 * ``single``: instill's `ArithmeticRun.cell` in this process, 1 thread, no workers (separates
   the effect of the workers from per-step efficiency);
 * idea rows (not with --quick): ``pipeline-b256`` (the pipeline with batch 256),
-  ``single-fused`` (as single, with `AdamW(fused=True)` patched into `make_optimizer`) and
-  ``single-eval3`` (as single, validating only every 3rd epoch and the last).
+  ``single-faithful`` (as single, with the settings instill used before its speed work: HF's
+  8-op `gelu_new` and unfused AdamW; results should match `single`) and ``single-eval3`` (as
+  single with `induction_fit.eval_every: 3`: validation every 3rd epoch and the last).
 
 Variants run one after another in a rotating order, `--rounds` times; the table gives the
 median models/minute (wall clock, worker start-up included), each round's rate, CPU seconds per
@@ -35,13 +36,10 @@ round's models. `--profile` adds torch.profiler summaries of 20 training steps o
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import datetime
 import hashlib
-import itertools
 import json
-import math
 import os
 import platform
 import resource
@@ -51,13 +49,13 @@ import sys
 import tempfile
 import time
 from collections import defaultdict
-from collections.abc import Iterator
 from typing import Any
 
 import torch
 from machine import cpu_model, load_average
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
+from transformers.activations import ACT2FN
 
 from instill.experiments.arithmetic import (
     ArithmeticConfig,
@@ -65,7 +63,7 @@ from instill.experiments.arithmetic import (
     _cell_worker,
     load_config,
 )
-from instill.experiments.common import CONDITIONS, map_cells, starting_model
+from instill.experiments.common import CONDITIONS, map_cells, merge, starting_model
 from instill.runio import to_dict
 
 DEFAULT_THREADS = torch.get_num_threads()  # torch's own choice, before anything changes it
@@ -106,10 +104,12 @@ def prepared_run(cache_dir: str) -> ArithmeticRun:
     return run
 
 
-def sweep_config(args: argparse.Namespace, loss: str, batch_size: int) -> ArithmeticConfig:
-    return load_config("quick", overrides={
-        "layers": [LAYERS], "grid": args.n, "seeds": args.seeds, "loss": loss,
-        "induction_fit": {"epochs": args.epochs, "batch_size": batch_size, "lr": args.lr}})
+def sweep_config(args: argparse.Namespace, spec: dict[str, Any]) -> ArithmeticConfig:
+    """The quick preset cut to the benchmark's cells and epochs, plus a variant's settings."""
+    fit = {"epochs": args.epochs, "batch_size": spec["batch"], "lr": args.lr}
+    overrides = merge({"layers": [LAYERS], "grid": args.n, "seeds": args.seeds,
+                       "loss": spec["loss"], "induction_fit": fit}, spec.get("config", {}))
+    return load_config("quick", overrides=overrides)
 
 
 def fresh_run_dir(base: ArithmeticRun, parent: str) -> str:
@@ -157,6 +157,13 @@ def reference_train(model: nn.Module, train: Tensor, val: Tensor, epochs: int, l
 
 
 @torch.no_grad()
+def paper_activation(model: nn.Module) -> nn.Module:
+    """HF GPT-2's default `gelu_new` (8 ops), as the paper ran it; same function as instill's."""
+    for block in model.transformer.h:
+        block.mlp.act = ACT2FN["gelu_new"]
+    return model
+
+
 def reference_test(model: nn.Module, test: Tensor, batch_size: int) -> float:
     hits = 0
     for (x,) in DataLoader(TensorDataset(test), batch_size=batch_size):
@@ -189,6 +196,7 @@ def reference_sweep(base: ArithmeticRun, cfg: ArithmeticConfig, batch_size: int,
         torch.manual_seed(run_seed)
         model = starting_model(condition, trained, sub, run_seed, freeze=cfg.freeze,
                                keep_unmasked=cfg.keep_unmasked)
+        paper_activation(model)
         val_acc = reference_train(model, train, val, fit.epochs, fit.lr, fit.weight_decay,
                                   batch_size, run_seed)
         rows.append({"n": n, "seed": seed, "condition": condition, "val_accuracy": val_acc,
@@ -247,59 +255,22 @@ VARIANTS: dict[str, dict[str, Any]] = {
                "what": "ArithmeticRun.cell in one process, 1 thread (answer loss, batch 64)"},
     "pipeline-b256": {"kind": "pipeline", "loss": "answer", "batch": 256, "workers": 2,
                       "threads": 1, "what": "idea: as pipeline, batch 256"},
-    "single-fused": {"kind": "pipeline", "loss": "answer", "batch": 64, "workers": 1,
-                     "threads": 1, "patch": "fused",
-                     "what": "idea: as single, make_optimizer patched to AdamW(fused=True)"},
+    "single-faithful": {"kind": "pipeline", "loss": "answer", "batch": 64, "workers": 1,
+                        "threads": 1, "config": {"activation": "gelu_new",
+                                                 "induction_fit": {"fused": False}},
+                        "what": "idea: as single, with HF's 8-op gelu_new and unfused AdamW "
+                        "(the defaults before the speed work)"},
     "single-eval3": {"kind": "pipeline", "loss": "answer", "batch": 64, "workers": 1,
-                     "threads": 1, "patch": "eval3", "what": "idea: as single, validation only "
-                     "every 3rd epoch and the last (fit patched; best epoch from those)"},
+                     "threads": 1, "config": {"induction_fit": {"eval_every": 3}},
+                     "what": "idea: as single, `induction_fit.eval_every: 3` (validation every "
+                     "3rd epoch and the last)"},
 }
-
-
-@contextlib.contextmanager
-def patched(kind: str | None) -> Iterator[None]:
-    """Idea rows: a proposed change to instill, applied in this process only."""
-    import instill.experiments.arithmetic as arithmetic
-    import instill.training as training
-
-    if kind is None:
-        yield
-        return
-    if kind == "fused":
-        original, name, module = training.make_optimizer, "make_optimizer", training
-
-        def replacement(params, cfg):  # type: ignore[no-untyped-def]
-            if cfg.optimizer != "adamw":
-                return original(params, cfg)
-            return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                     fused=True)
-    elif kind == "eval3":
-        original, name, module = arithmetic.fit, "fit", arithmetic
-
-        def replacement(model, data, loss_fn, cfg, *, evaluate=None, **kwargs):  # type: ignore
-            if evaluate is None:
-                return original(model, data, loss_fn, cfg, **kwargs)
-            epochs = itertools.count()
-
-            def sparse(m: nn.Module) -> float:
-                epoch = next(epochs)
-                keep = epoch % 3 == 2 or epoch == cfg.epochs - 1
-                return evaluate(m) if keep else -math.inf  # never "best" when skipped
-
-            return original(model, data, loss_fn, cfg, evaluate=sparse, **kwargs)
-    else:
-        raise ValueError(kind)
-    setattr(module, name, replacement)
-    try:
-        yield
-    finally:
-        setattr(module, name, original)
 
 
 def run_variant(name: str, base: ArithmeticRun, args: argparse.Namespace, parent: str
                 ) -> dict[str, Any]:
     spec = VARIANTS[name]
-    cfg = sweep_config(args, spec["loss"], spec["batch"])
+    cfg = sweep_config(args, spec)
     torch.set_num_threads(spec["threads"] or DEFAULT_THREADS)
     load_before = os.getloadavg()[0]
     cpu, start = cpu_seconds(), time.perf_counter()
@@ -307,8 +278,7 @@ def run_variant(name: str, base: ArithmeticRun, args: argparse.Namespace, parent
         budget = args.reference_budget if spec["threads"] is None else None
         rows, asked = reference_sweep(base, cfg, spec["batch"], budget)
     else:
-        with patched(spec.get("patch")):
-            rows = pipeline_sweep(base, cfg, spec["workers"], parent)
+        rows = pipeline_sweep(base, cfg, spec["workers"], parent)
         asked = len(rows)
     wall, cpu = time.perf_counter() - start, cpu_seconds() - cpu
     threads = torch.get_num_threads()
@@ -333,7 +303,7 @@ def profile_steps(base: ArithmeticRun, args: argparse.Namespace, steps: int = 20
     torch.set_num_threads(1)
     trained = base.base_model(LAYERS)
     sub = base.subnetwork(LAYERS, trained)
-    cfg = sweep_config(args, "answer", 64)
+    cfg = sweep_config(args, VARIANTS["single"])
     splits = ArithmeticRun(cfg, base.run.root, log=lambda _: None).splits(cfg.seed)
     train, val = splits.train_sequences(400), splits.val_sequences()
     task = SequenceTask(base.spec, "answer")
@@ -349,7 +319,7 @@ def profile_steps(base: ArithmeticRun, args: argparse.Namespace, steps: int = 20
             run_epoch(model, [train], task.loss, opt, 64, gen, epoch)
         task.accuracy(model, val)
 
-    ref = starting_model("subnet", trained, sub, 0)
+    ref = paper_activation(starting_model("subnet", trained, sub, 0))
     ref_epochs = -(-steps // -(-len(train) // 50))
 
     def reference_steps() -> None:

@@ -130,3 +130,27 @@ def test_worker_processes_give_the_same_results(tiny_run, tmp_path):
         (shutil.copytree if (out / name).is_dir() else shutil.copy)(out / name, tmp_path / name)
     run_arithmetic(cfg, tmp_path, log=lambda _: None, workers=2)
     assert (tmp_path / "results.csv").read_text() == (out / "results.csv").read_text()
+
+
+def test_fused_gelu_default_computes_gpt2s_gelu_new():
+    import torch
+
+    from instill.models import build_model
+
+    torch.manual_seed(0)
+    fast = build_model("gpt2", vocab_size=20, n_embd=16, n_head=2).eval()
+    paper = build_model("gpt2", vocab_size=20, n_embd=16, n_head=2, activation="gelu_new").eval()
+    paper.load_state_dict(fast.state_dict())
+    ids = torch.randint(0, 20, (4, 6))
+    with torch.no_grad():
+        assert torch.allclose(fast(input_ids=ids).logits, paper(input_ids=ids).logits, atol=1e-5)
+    assert type(fast.transformer.h[0].mlp.act) is not type(paper.transformer.h[0].mlp.act)
+    with pytest.raises(ConfigError, match="unknown activation 'gleu'"):
+        load_config("quick", {**TINY, "activation": "gleu"})
+
+
+def test_largest_cells_go_first_and_results_keep_job_order():
+    from instill.experiments.common import largest_first, map_cells
+
+    assert largest_first([(0, 25), (0, 1600), (1, 25), (1, 400)], lambda j: j[1]) == [1, 3, 0, 2]
+    assert map_cells(abs, [-1, 5, -3, 2], workers=2, cost=abs) == [1, 5, 3, 2]

@@ -8,8 +8,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from instill.core import MaskConfig
-from instill.errors import TrainingError
-from instill.training import DiscoveryConfig, FitConfig, discover, fit
+from instill.errors import ConfigError, TrainingError
+from instill.training import (
+    FUSED_ADAMW,
+    DiscoveryConfig,
+    FitConfig,
+    discover,
+    fit,
+    make_optimizer,
+)
 
 
 def xor_data(n: int = 256, seed: int = 0):
@@ -86,3 +93,35 @@ def test_discover_finds_a_working_sparse_subnetwork_and_leaves_the_model_untouch
 
     with apply_subnetwork(model, sub, "keep"):
         assert accuracy(model, x, y) > 0.95
+
+
+def test_eval_every_validates_every_kth_epoch_and_the_last():
+    torch.manual_seed(0)
+    model = nn.Linear(2, 2)
+    x, y = xor_data()
+    calls = []
+
+    def evaluate(m):
+        calls.append(1)
+        return float(len(calls))  # later validations score higher
+
+    result = fit(model, [x, y], loss_fn, FitConfig(epochs=7, eval_every=3), evaluate=evaluate)
+    assert [row["epoch"] for row in result.history if "val" in row] == [2, 5, 6]
+    assert len(calls) == 3 and result.best_epoch == 6
+    with pytest.raises(ConfigError, match="eval_every"):
+        FitConfig(eval_every=0)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_fused_adamw_is_an_option_that_gives_the_same_training(fused):
+    def train(cfg):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(2, 16), nn.ReLU(), nn.Linear(16, 2))
+        fit(model, list(xor_data()), loss_fn, cfg)
+        return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+    opt = make_optimizer([nn.Parameter(torch.zeros(2))], FitConfig(fused=fused))
+    assert bool(opt.defaults.get("fused")) == (fused and FUSED_ADAMW)
+    reference = train(FitConfig(epochs=3, lr=1e-2, fused=False))
+    assert torch.allclose(train(FitConfig(epochs=3, lr=1e-2, fused=fused)), reference,
+                          atol=1e-5)

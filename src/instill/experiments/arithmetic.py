@@ -92,6 +92,11 @@ class ArithmeticConfig:
                 raise ConfigError(f"{name}: {err}") from None
         if not self.layers or min(self.layers) < 1:
             raise ConfigError(f"layers must be a non-empty list of depths >= 1, got {self.layers}")
+        from transformers.activations import ACT2FN
+
+        if self.activation not in ACT2FN:
+            raise ConfigError(f"unknown activation {self.activation!r}; choose one of "
+                              f"{sorted(ACT2FN)} (gelu_new is the paper's)")
         if self.n_embd % self.n_head:
             raise ConfigError(f"n_embd ({self.n_embd}) must be divisible by n_head "
                               f"({self.n_head})")
@@ -145,10 +150,11 @@ class SequenceTask:
         self.spec, self.loss_kind = spec, loss
 
     def loss(self, model: nn.Module, batch: Sequence[Tensor]) -> Tensor:
-        """Causal LM loss on the whole sequence (`lm`, the paper's), or on the answer only."""
+        """Causal LM loss on the whole sequence (`lm`, the paper's), or on the answer only
+        (the output head then runs only at the SEP position)."""
         (seqs,) = batch
         if self.loss_kind == "answer":
-            logits = logits_of(model(input_ids=seqs[:, :3]))[:, -1]
+            logits = logits_of(model(input_ids=seqs[:, :3], logits_to_keep=1))[:, -1]
             return F.cross_entropy(logits.float(), seqs[:, 3])
         logits = logits_of(model(input_ids=seqs))[:, :-1]
         return F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(),
@@ -158,7 +164,7 @@ class SequenceTask:
     def predict(self, model: nn.Module, seqs: Tensor, batch_size: int = 4096) -> Tensor:
         """Argmax over the vocabulary at the SEP position."""
         model.eval()
-        outs = [logits_of(model(input_ids=chunk[:, :3]))[:, -1].argmax(-1)
+        outs = [logits_of(model(input_ids=chunk[:, :3], logits_to_keep=1))[:, -1].argmax(-1)
                 for chunk in seqs.split(batch_size)]
         return torch.cat(outs)
 

@@ -94,6 +94,11 @@ def _indexed(job: tuple[Callable[[Any], Any], int, Any]) -> tuple[int, Any]:
     return index, worker(args)
 
 
+def largest_first(jobs: Sequence[Any], cost: Callable[[Any], float]) -> list[int]:
+    """Job indices by decreasing cost (ties keep their order)."""
+    return sorted(range(len(jobs)), key=lambda i: -cost(jobs[i]))
+
+
 def map_cells(worker: Callable[[Any], Any], jobs: Sequence[Any], workers: int = 1,
               desc: str = "cells", cost: Callable[[Any], float] | None = None) -> list[Any]:
     """`[worker(job) for job in jobs]`, in `workers` processes when more than one.
@@ -105,7 +110,7 @@ def map_cells(worker: Callable[[Any], Any], jobs: Sequence[Any], workers: int = 
     if workers <= 1 or len(jobs) <= 1:
         return [worker(job) for job in tqdm(jobs, desc=desc, disable=None)]
     results: list[Any] = [None] * len(jobs)
-    order = sorted(range(len(jobs)), key=lambda i: -cost(jobs[i])) if cost else range(len(jobs))
+    order = largest_first(jobs, cost) if cost else range(len(jobs))
     pool = multiprocessing.get_context("spawn").Pool(min(workers, len(jobs)), _ignore_sigint)
     try:
         tasks = [(worker, i, jobs[i]) for i in order]
