@@ -45,6 +45,7 @@ else
     echo
 fi
 run sweep_throughput.py "${quick[@]}"
+run step_anatomy.py
 if [[ ${#quick[@]} -eq 0 ]]; then
     run end_to_end.py
 else

@@ -166,7 +166,7 @@ def profile_steps(model: nn.Module, data: Tensor, task: SequenceTask, dcfg: Disc
     out = {}
     masked = attach_masks(copy.deepcopy(model), dcfg.mask)
     masked.temperature = 5.0
-    opt = torch.optim.AdamW(masked.mask_parameters(), lr=dcfg.lr)
+    opt = torch.optim.AdamW(masked.mask_parameters(), lr=dcfg.lr, fused=dcfg.fused)
 
     def instill_step() -> None:
         loss = task.loss(masked, [batch]) + masked.l0_penalty()
@@ -254,13 +254,14 @@ def main(argv: list[str] | None = None) -> int:
     dcfg = DiscoveryConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                            final_temperature=args.final_temp,
                            mask=MaskConfig(targets=TARGET_RE, init=args.init,
-                                           l0_lambda=args.l0_lambda))
+                                           l0_lambda=args.l0_lambda), fused=True)
     facts = machine_facts()
     facts["neurosurgeon"] = NeuroSurgeon.__version__
     facts["activations"] = {"instill": run.cfg.activation, "neurosurgeon": args.ns_activation}
 
     # one untimed warm-up step of each (first-call allocations, lazy imports)
-    warm = DiscoveryConfig(epochs=1, batch_size=args.batch_size, lr=args.lr, mask=dcfg.mask)
+    warm = DiscoveryConfig(epochs=1, batch_size=args.batch_size, lr=args.lr, mask=dcfg.mask,
+                           fused=dcfg.fused)
     run_instill(model, data[: args.batch_size], task, warm, args.seed)
     run_neurosurgeon(paper_model(model, args.ns_activation), data[: args.batch_size], args.loss,
                      warm, args.seed)

@@ -132,19 +132,24 @@ def test_worker_processes_give_the_same_results(tiny_run, tmp_path):
     assert (tmp_path / "results.csv").read_text() == (out / "results.csv").read_text()
 
 
-def test_fused_gelu_default_computes_gpt2s_gelu_new():
+def test_fused_gelu_option_computes_gpt2s_gelu_new():
     import torch
 
     from instill.models import build_model
 
     torch.manual_seed(0)
-    fast = build_model("gpt2", vocab_size=20, n_embd=16, n_head=2).eval()
-    paper = build_model("gpt2", vocab_size=20, n_embd=16, n_head=2, activation="gelu_new").eval()
-    paper.load_state_dict(fast.state_dict())
+    paper = build_model("gpt2", vocab_size=20, n_embd=16, n_head=2).eval()
+    fast = build_model("gpt2", vocab_size=20, n_embd=16, n_head=2,
+                       activation="gelu_pytorch_tanh").eval()
+    fast.load_state_dict(paper.state_dict())
     ids = torch.randint(0, 20, (4, 6))
     with torch.no_grad():
         assert torch.allclose(fast(input_ids=ids).logits, paper(input_ids=ids).logits, atol=1e-5)
     assert type(fast.transformer.h[0].mlp.act) is not type(paper.transformer.h[0].mlp.act)
+    assert paper.config.activation_function == "gelu_new"  # HF GPT-2's default stays the default
+    assert load_config("paper").activation == "gelu_new"
+    quick = load_config("quick")
+    assert quick.activation == "gelu_pytorch_tanh" and quick.induction_fit.fused
     with pytest.raises(ConfigError, match="unknown activation 'gleu'"):
         load_config("quick", {**TINY, "activation": "gleu"})
 

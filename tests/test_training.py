@@ -122,6 +122,7 @@ def test_fused_adamw_is_an_option_that_gives_the_same_training(fused):
 
     opt = make_optimizer([nn.Parameter(torch.zeros(2))], FitConfig(fused=fused))
     assert bool(opt.defaults.get("fused")) == (fused and FUSED_ADAMW)
+    assert not FitConfig().fused and not DiscoveryConfig().fused  # torch's default AdamW
     reference = train(FitConfig(epochs=3, lr=1e-2, fused=False))
     assert torch.allclose(train(FitConfig(epochs=3, lr=1e-2, fused=fused)), reference,
                           atol=1e-5)

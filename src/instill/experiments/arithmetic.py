@@ -59,7 +59,7 @@ class ArithmeticConfig:
     n_embd: int = 128
     n_head: int = 4
     dropout: float = 0.1
-    activation: str = "gelu_pytorch_tanh"  # "gelu_new" is the paper's (same function, 8 ops)
+    activation: str = "gelu_new"  # HF GPT-2's; "gelu_pytorch_tanh": same function, one kernel
     loss: Literal["lm", "answer"] = "lm"
     seed: int = 0
     seeds: int = 1
@@ -122,13 +122,14 @@ PRESETS: dict[str, dict[str, Any]] = {
         "layers": [2],
         "n_embd": 64,
         "loss": "answer",
+        "activation": "gelu_pytorch_tanh",
         "seeds": 2,
         "base_samples": 20_000,
-        "base_fit": {"epochs": 30, "batch_size": 128, "lr": 2e-3, "patience": 4},
+        "base_fit": {"epochs": 30, "batch_size": 128, "lr": 2e-3, "patience": 4, "fused": True},
         "subtask_samples": 10_000,
-        "discovery": {"epochs": 10, "batch_size": 250, "lr": 1e-2},
+        "discovery": {"epochs": 10, "batch_size": 250, "lr": 1e-2, "fused": True},
         "grid": [0, 25, 100, 250, 400, 640, 1000, 1600],
-        "induction_fit": {"epochs": 60, "batch_size": 64, "lr": 1e-3},
+        "induction_fit": {"epochs": 60, "batch_size": 64, "lr": 1e-3, "fused": True},
         "n_val": 500,
         "n_test": 1000,
     },

@@ -132,8 +132,9 @@ def plot(run: RunDir, cfg, rows: list[dict]) -> None:
 WHY = ("Why: smaller problems (fewer numbers, depths, samples and epochs) make a run fit a CPU in "
        "minutes; higher learning rates make up for fewer epochs; `loss: answer` trains on the "
        "answer token only, which learns faster in few steps than the paper's whole-sequence "
-       "`lm` loss (available as `--loss lm`). `instill arithmetic --preset paper` restores "
-       "every setting.")
+       "`lm` loss (available as `--loss lm`); the fused GELU and AdamW kernels compute the same "
+       "functions in fewer ops (results differ in the last bits, like another seed). "
+       "`instill arithmetic --preset paper` restores every setting.")
 
 
 def _ratio_line(summary: dict, cfg) -> str:
