@@ -72,6 +72,18 @@ def test_rerun_resumes_without_retraining(tiny_run, monkeypatch):
     assert (out / "results.csv").read_text() == before
 
 
+def test_resume_removes_temporaries_a_killed_run_left(tiny_run):
+    cfg, out, _ = tiny_run
+    stale = [out / ".tmp-abc123.json", out / "cells" / ".tmp-x9.json"]
+    for path in stale:
+        path.write_text("half a cell")
+    logged = []
+    run_arithmetic(cfg, out, log=logged.append)
+    assert not any(path.exists() for path in stale)
+    assert sum("left by an interrupted run" in line for line in logged) == 2
+    assert sorted(p.name for p in (out / "cells").iterdir()) == ["L1-n0-s0.json", "L1-n8-s0.json"]
+
+
 def test_missing_cell_is_recomputed_and_others_are_not(tiny_run, monkeypatch):
     cfg, out, _ = tiny_run
     before = (out / "results.csv").read_text()

@@ -89,6 +89,8 @@ INPUTS = [
     pytest.param(None, ["--numbers", "5"], ["modulus (7) must not exceed numbers (5)",
                                             "lower modulus or raise numbers"],
                  id="modulus-above-numbers"),
+    pytest.param(None, ["--numbers", "100000"], ["numbers must be at most 10,000, got 100,000",
+                                                 "lower numbers"], id="numbers-too-many"),
     pytest.param(None, ["--target", "a^2 + $b"],
                  ["target: unexpected character '$' at position 6", "  a^2 + $b\n        ^\n",
                   "expressions use a, b, integers"], id="expression-bad-char"),

@@ -746,6 +746,14 @@ class RunDir:
                 f"a resumed run must not mix results from different configs: {fix}"
             )
 
+    def remove_stale_temporaries(self) -> list[Path]:
+        """Delete the `.tmp-*` files a killed run left behind (atomic writes that never finished
+        their rename); call before any worker writes. Returns what was removed."""
+        stale = sorted(p for p in self.root.rglob(".tmp-*") if p.is_file())
+        for path in stale:
+            _remove_quietly(path)
+        return stale
+
     def write_config(self, config: Mapping[str, Any], seed: int | None) -> dict[str, Any]:
         """Write config.json (format version + full run metadata); returns what was written."""
         record = {"format_version": RUN_FORMAT_VERSION, **run_metadata(seed, config)}

@@ -206,6 +206,8 @@ class ArithmeticRun:
                 select_parameters(self.build(layers), mask.targets, mask.exclude, mask.mask_bias)
         config = to_dict(self.cfg)
         self.run.check_compatible(config)
+        for path in self.run.remove_stale_temporaries():
+            self.log(f"removed {path}, left by an interrupted run")
         if not self.run.exists("config.json"):
             self.run.write_config(config, self.cfg.seed)
         return problems

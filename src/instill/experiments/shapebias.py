@@ -503,6 +503,8 @@ class ShapeBiasRun:
         """Check the config against an earlier run in the same directory; record it."""
         config = to_dict(self.cfg)
         self.run.check_compatible(config)
+        for path in self.run.remove_stale_temporaries():
+            self.log(f"removed {path}, left by an interrupted run")
         if not self.run.exists("config.json"):
             self.run.write_config(config, self.cfg.seed)
 

@@ -30,6 +30,7 @@ __all__ = [
 Pairs = tuple[torch.Tensor, torch.Tensor]
 
 _COVER_ROUNDS = 200
+MAX_NUMBERS = 10_000  # pairs are drawn from all numbers^2 combinations, held in memory
 """Repair rounds when building a cover that avoids excluded or diagonal pairs."""
 
 
@@ -53,6 +54,12 @@ class ArithmeticSpec:
                     f"ArithmeticSpec.{name} must be at least 2, got {value}; "
                     f"set {name} to 2 or more"
                 )
+        if self.numbers > MAX_NUMBERS:
+            raise ConfigError(
+                f"ArithmeticSpec.numbers must be at most {MAX_NUMBERS:,}, got {self.numbers:,}: "
+                "pairs are drawn from all numbers^2 combinations held in memory (the paper uses "
+                "1,000); lower numbers"
+            )
         if self.modulus > self.numbers:
             raise ConfigError(
                 f"ArithmeticSpec.modulus ({self.modulus}) must not exceed numbers "
