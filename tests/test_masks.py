@@ -248,3 +248,29 @@ def test_soft_mask_follows_optimizer_steps_and_temperature():
     with torch.no_grad():
         assert not mask.soft_mask().requires_grad
     assert mask.soft_mask().requires_grad
+
+
+def test_top_k_starts_as_magnitude_and_trains_a_fixed_size_binary_mask():
+    model, batch = make("mlp")
+    magnitude = instill.attach_masks(model, instill.MaskConfig(method="magnitude", keep=0.3))
+    start = magnitude.subnetwork()
+    magnitude.detach_masks()
+    masked = instill.attach_masks(model, instill.MaskConfig(method="top_k", keep=0.3))
+    assert masked.subnetwork() == start  # scores start at |W|
+    opt = torch.optim.AdamW(masked.mask_parameters(), lr=0.05)
+    first = masked.model.get_submodule("0")
+    for _ in range(20):
+        masked.train()
+        kept = first.weight != 0
+        assert torch.equal(first.weight[kept], first.parametrizations.weight.original[kept])
+        loss = run(masked, batch).square().mean() + masked.l0_penalty()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    trained = masked.subnetwork()
+    assert trained != start  # the straight-through gradient moved the scores
+    for name, mask in trained.masks.items():
+        assert int(mask.sum()) == round(0.3 * mask.numel()), name
+    with pytest.raises(ConfigError, match="scope 'layer'"):
+        instill.attach_masks(masked.detach_masks(),
+                             instill.MaskConfig(method="top_k", scope="global"))

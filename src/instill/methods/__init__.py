@@ -1,6 +1,6 @@
 """Mask methods. To add one: a module with a `@register("name")` MaskMethod, imported here."""
 
-from . import continuous, hard_concrete, magnitude  # noqa: F401  (registration)
+from . import continuous, hard_concrete, magnitude, top_k  # noqa: F401  (registration)
 from .base import METHODS, MaskMethod, register
 
 __all__ = ["METHODS", "MaskMethod", "register"]
