@@ -248,6 +248,8 @@ def test_soft_mask_follows_optimizer_steps_and_temperature():
     with torch.no_grad():
         assert not mask.soft_mask().requires_grad
     assert mask.soft_mask().requires_grad
+    masked.double()  # new storage for the logits: the cached mask must not be reused
+    assert mask.soft_mask().dtype == torch.float64
 
 
 def test_top_k_starts_as_magnitude_and_trains_a_fixed_size_binary_mask():

@@ -22,16 +22,17 @@ class ContinuousSparsification(MaskMethod):
         self._soft: tuple[tuple, Tensor] | None = None
 
     def soft_mask(self) -> Tensor:
-        """The sigmoid, computed once per logits version, temperature and grad mode.
+        """The sigmoid, computed once per logits storage and version, temperature and grad mode.
 
         A training step reads it in the forward pass and again in the penalty (and some models
         read a weight twice per forward); reusing it saves the recomputation and its backward.
         Backward through it drops it, so each step starts from a fresh graph.
         """
-        key = (self.logits._version, self.temperature, torch.is_grad_enabled())
+        logits = self.logits
+        key = (logits.data_ptr(), logits._version, self.temperature, torch.is_grad_enabled())
         if self._soft is not None and self._soft[0] == key:
             return self._soft[1]
-        mask = torch.sigmoid(self.temperature * self.logits)
+        mask = torch.sigmoid(self.temperature * logits)
         if mask.requires_grad:
             mask.register_hook(self._forget)
         self._soft = (key, mask)
