@@ -22,7 +22,7 @@ import sys
 import tempfile
 import types
 import typing
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal, TypeVar, Union
@@ -753,6 +753,16 @@ class RunDir:
         for path in stale:
             _remove_quietly(path)
         return stale
+
+    def begin(self, config: Mapping[str, Any], seed: int | None,
+              log: Callable[[str], Any] = print) -> None:
+        """Start or resume a run here: refuse another config's directory, delete what a killed
+        run left half-written, and record config.json on a fresh start."""
+        self.check_compatible(config)
+        for path in self.remove_stale_temporaries():
+            log(f"removed {path}, left by an interrupted run")
+        if not self.exists(self.CONFIG):
+            self.write_config(config, seed)
 
     def write_config(self, config: Mapping[str, Any], seed: int | None) -> dict[str, Any]:
         """Write config.json (format version + full run metadata); returns what was written."""

@@ -204,12 +204,7 @@ class ArithmeticRun:
         with torch.random.fork_rng(devices=[]):  # fail before training, not after it
             for layers in self.cfg.layers:
                 select_parameters(self.build(layers), mask.targets, mask.exclude, mask.mask_bias)
-        config = to_dict(self.cfg)
-        self.run.check_compatible(config)
-        for path in self.run.remove_stale_temporaries():
-            self.log(f"removed {path}, left by an interrupted run")
-        if not self.run.exists("config.json"):
-            self.run.write_config(config, self.cfg.seed)
+        self.run.begin(to_dict(self.cfg), self.cfg.seed, self.log)
         return problems
 
     def base_model(self, layers: int) -> nn.Module:

@@ -501,12 +501,7 @@ class ShapeBiasRun:
 
     def prepare(self) -> None:
         """Check the config against an earlier run in the same directory; record it."""
-        config = to_dict(self.cfg)
-        self.run.check_compatible(config)
-        for path in self.run.remove_stale_temporaries():
-            self.log(f"removed {path}, left by an interrupted run")
-        if not self.run.exists("config.json"):
-            self.run.write_config(config, self.cfg.seed)
+        self.run.begin(to_dict(self.cfg), self.cfg.seed, self.log)
 
     def base_model(self) -> nn.Module:
         """Phase 1: train (or load) the base model on natural images."""
