@@ -48,6 +48,19 @@ def _strings(text: str | None) -> list[str] | None:
     return None if text is None else [p.strip() for p in text.split(",") if p.strip()]
 
 
+def _config(load_config: Callable[..., Any], preset: str | None, config_file: Path | None,
+            overrides: dict[str, Any]) -> Any:
+    """Layer the preset (`quick`, or `paper` under a --config file), the file and the flags
+    that were given into an experiment config."""
+    from instill.runio import load_config_file
+
+    file_values = load_config_file(config_file) if config_file else None
+    if preset is None:
+        preset = "paper" if config_file else "quick"
+    return load_config(preset, file_values,
+                       {k: v for k, v in overrides.items() if v is not None})
+
+
 def run_options(quick: str, paper: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """The options every experiment command shares: --preset, --config and --out."""
 
@@ -75,7 +88,7 @@ def main() -> None:
 
 
 @main.command()
-@run_options("about 13 minutes on a 2-core CPU", "the paper's settings, GPU-sized")
+@run_options("about 10 minutes on a 2-core CPU", "the paper's settings, GPU-sized")
 @click.option("--base", help="Base task expression, e.g. 'a + a*b'.")
 @click.option("--subtask", help="Subtask expression the subnetwork is found for, e.g. 'a*b'.")
 @click.option("--target", help="Target task expression, e.g. 'a^2 + a*b'.")
@@ -98,7 +111,6 @@ def main() -> None:
 def arithmetic(preset, config_file, out, threads, workers, **flags) -> None:
     """Modular arithmetic: data efficiency of Subtask Induction against its controls."""
     from instill.experiments.arithmetic import load_config, run_arithmetic
-    from instill.runio import load_config_file
 
     overrides = {
         **{k: v for k, v in flags.items() if v is not None and k in (
@@ -108,11 +120,7 @@ def arithmetic(preset, config_file, out, threads, workers, **flags) -> None:
         "grid": _ints(flags["grid"], "grid"),
         "conditions": _strings(flags["conditions"]),
     }
-    overrides = {k: v for k, v in overrides.items() if v is not None}
-    file_values = load_config_file(config_file) if config_file else None
-    if preset is None:
-        preset = "paper" if config_file else "quick"
-    cfg = load_config(preset, file_values, overrides)
+    cfg = _config(load_config, preset, config_file, overrides)
     start = time.perf_counter()
     workers = workers or os.cpu_count() or 1
     summary = run_arithmetic(cfg, out, log=click.echo, threads=threads, workers=workers)
@@ -148,7 +156,6 @@ def arithmetic(preset, config_file, out, threads, workers, **flags) -> None:
 def shapebias(preset, config_file, out, threads, device, **flags) -> None:
     """Shape bias: instill a shape subnetwork in image classifiers (ResNet or ViT)."""
     from instill.experiments.shapebias import ARCHS, load_config, run_shapebias
-    from instill.runio import load_config_file
 
     if flags["arch"] is not None and flags["arch"] not in ARCHS:
         raise ConfigError(f"unknown --arch {flags['arch']!r}; choose one of {list(ARCHS)}")
@@ -159,11 +166,7 @@ def shapebias(preset, config_file, out, threads, device, **flags) -> None:
         "grid": _ints(flags["grid"], "grid"),
         "conditions": _strings(flags["conditions"]),
     }
-    overrides = {k: v for k, v in overrides.items() if v is not None}
-    file_values = load_config_file(config_file) if config_file else None
-    if preset is None:
-        preset = "paper" if config_file else "quick"
-    cfg = load_config(preset, file_values, overrides)
+    cfg = _config(load_config, preset, config_file, overrides)
     start = time.perf_counter()
     summary = run_shapebias(cfg, out, log=click.echo, threads=threads, device=device)
     click.echo(summary["headline"])
