@@ -55,7 +55,6 @@ import torch
 from machine import cpu_model, load_average
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
-from transformers.activations import ACT2FN
 
 from instill.experiments.arithmetic import (
     ArithmeticConfig,
@@ -64,6 +63,7 @@ from instill.experiments.arithmetic import (
     load_config,
 )
 from instill.experiments.common import CONDITIONS, map_cells, merge, starting_model
+from instill.models import set_activation
 from instill.runio import to_dict
 
 DEFAULT_THREADS = torch.get_num_threads()  # torch's own choice, before anything changes it
@@ -157,13 +157,6 @@ def reference_train(model: nn.Module, train: Tensor, val: Tensor, epochs: int, l
 
 
 @torch.no_grad()
-def paper_activation(model: nn.Module) -> nn.Module:
-    """HF GPT-2's default `gelu_new` (8 ops), as the paper ran it; same function as instill's."""
-    for block in model.transformer.h:
-        block.mlp.act = ACT2FN["gelu_new"]
-    return model
-
-
 def reference_test(model: nn.Module, test: Tensor, batch_size: int) -> float:
     hits = 0
     for (x,) in DataLoader(TensorDataset(test), batch_size=batch_size):
@@ -196,7 +189,7 @@ def reference_sweep(base: ArithmeticRun, cfg: ArithmeticConfig, batch_size: int,
         torch.manual_seed(run_seed)
         model = starting_model(condition, trained, sub, run_seed, freeze=cfg.freeze,
                                keep_unmasked=cfg.keep_unmasked)
-        paper_activation(model)
+        set_activation(model, "gelu_new")  # HF GPT-2's default, as the paper ran it
         val_acc = reference_train(model, train, val, fit.epochs, fit.lr, fit.weight_decay,
                                   batch_size, run_seed)
         rows.append({"n": n, "seed": seed, "condition": condition, "val_accuracy": val_acc,
@@ -319,7 +312,7 @@ def profile_steps(base: ArithmeticRun, args: argparse.Namespace, steps: int = 20
             run_epoch(model, [train], task.loss, opt, 64, gen, epoch)
         task.accuracy(model, val)
 
-    ref = paper_activation(starting_model("subnet", trained, sub, 0))
+    ref = set_activation(starting_model("subnet", trained, sub, 0), "gelu_new")
     ref_epochs = -(-steps // -(-len(train) // 50))
 
     def reference_steps() -> None:

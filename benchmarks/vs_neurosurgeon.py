@@ -46,7 +46,7 @@ from torch import Tensor, nn
 
 from instill.core import MaskConfig, Subnetwork, apply_subnetwork
 from instill.experiments.arithmetic import ArithmeticRun, SequenceTask, load_config
-from instill.models import logits_of
+from instill.models import logits_of, set_activation
 from instill.runio import to_dict
 from instill.training import DiscoveryConfig, discover
 
@@ -128,12 +128,7 @@ def run_neurosurgeon(model: nn.Module, data: Tensor, loss: str, dcfg: DiscoveryC
 def paper_model(model: nn.Module, activation: str) -> nn.Module:
     """A copy of `model` for NeuroSurgeon, with GPT-2's MLP activation set to `activation`:
     HF's default `gelu_new` (8 ops) as the paper ran it, or the same fused kernel as instill."""
-    from transformers.activations import ACT2FN
-
-    copied = copy.deepcopy(model)
-    for block in copied.transformer.h:
-        block.mlp.act = ACT2FN[activation]
-    return copied
+    return set_activation(copy.deepcopy(model), activation)
 
 
 def neurosurgeon_masks(circuit: nn.Module) -> dict[str, Tensor]:

@@ -145,9 +145,11 @@ def test_worker_processes_give_the_same_results(tiny_run, tmp_path):
 
 
 def test_fused_gelu_option_computes_gpt2s_gelu_new():
+    import copy
+
     import torch
 
-    from instill.models import build_model
+    from instill.models import build_model, set_activation
 
     torch.manual_seed(0)
     paper = build_model("gpt2", vocab_size=20, n_embd=16, n_head=2).eval()
@@ -158,6 +160,12 @@ def test_fused_gelu_option_computes_gpt2s_gelu_new():
     with torch.no_grad():
         assert torch.allclose(fast(input_ids=ids).logits, paper(input_ids=ids).logits, atol=1e-5)
     assert type(fast.transformer.h[0].mlp.act) is not type(paper.transformer.h[0].mlp.act)
+    switched = set_activation(copy.deepcopy(paper), "gelu_pytorch_tanh")
+    with torch.no_grad():
+        assert torch.equal(switched(input_ids=ids).logits, fast(input_ids=ids).logits)
+    assert switched.config.activation_function == "gelu_pytorch_tanh"
+    with pytest.raises(ConfigError, match="unknown activation 'gleu'"):
+        set_activation(switched, "gleu")
     assert paper.config.activation_function == "gelu_new"  # HF GPT-2's default stays the default
     assert load_config("paper").activation == "gelu_new"
     quick = load_config("quick")

@@ -28,7 +28,7 @@ from instill.experiments.common import (
     starting_model,
     verify_subnetwork,
 )
-from instill.models import build_model, logits_of
+from instill.models import build_model, check_activation, logits_of
 from instill.runio import RunDir, from_dict, to_dict, write_json
 from instill.tasks.arithmetic import (
     ArithmeticSpec,
@@ -92,11 +92,7 @@ class ArithmeticConfig:
                 raise ConfigError(f"{name}: {err}") from None
         if not self.layers or min(self.layers) < 1:
             raise ConfigError(f"layers must be a non-empty list of depths >= 1, got {self.layers}")
-        from transformers.activations import ACT2FN
-
-        if self.activation not in ACT2FN:
-            raise ConfigError(f"unknown activation {self.activation!r}; choose one of "
-                              f"{sorted(ACT2FN)} (gelu_new is the paper's)")
+        check_activation(self.activation)
         if self.n_embd % self.n_head:
             raise ConfigError(f"n_embd ({self.n_embd}) must be divisible by n_head "
                               f"({self.n_head})")

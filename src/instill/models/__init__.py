@@ -1,5 +1,5 @@
 """Model builders from small configs (no download): the architectures the experiments use."""
 
-from .builders import MODELS, build_model, logits_of
+from .builders import MODELS, build_model, check_activation, logits_of, set_activation
 
-__all__ = ["MODELS", "build_model", "logits_of"]
+__all__ = ["MODELS", "build_model", "check_activation", "logits_of", "set_activation"]

@@ -38,6 +38,26 @@ def logits_of(output: Any) -> Tensor:
     return output if isinstance(output, Tensor) else output.logits
 
 
+def check_activation(name: str) -> None:
+    """Fail early, naming the choices, for an activation HF's GPT-2 does not know."""
+    from transformers.activations import ACT2FN
+
+    if name not in ACT2FN:
+        raise ConfigError(f"unknown activation {name!r}; choose one of {sorted(ACT2FN)} "
+                          "(gelu_new is HF GPT-2's default)")
+
+
+def set_activation(model: nn.Module, name: str) -> nn.Module:
+    """Switch a built GPT-2's MLP activation in place (weights untouched); returns the model."""
+    from transformers.activations import ACT2FN
+
+    check_activation(name)
+    for block in model.transformer.h:
+        block.mlp.act = ACT2FN[name]
+    model.config.activation_function = name
+    return model
+
+
 @register("gpt2")
 def gpt2(vocab_size: int, n_positions: int = 8, n_embd: int = 128, n_layer: int = 2,
          n_head: int = 4, dropout: float = 0.1,
@@ -49,10 +69,8 @@ def gpt2(vocab_size: int, n_positions: int = 8, n_embd: int = 128, n_layer: int 
     rounded differently).
     """
     from transformers import GPT2Config, GPT2LMHeadModel
-    from transformers.activations import ACT2FN
 
-    if activation not in ACT2FN:
-        raise ConfigError(f"unknown activation {activation!r}; choose one of {sorted(ACT2FN)}")
+    check_activation(activation)
     config = GPT2Config(vocab_size=vocab_size, n_positions=n_positions, n_embd=n_embd,
                         n_layer=n_layer, n_head=n_head, activation_function=activation,
                         resid_pdrop=dropout,
