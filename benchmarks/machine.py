@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import datetime
 import os
 import platform
+from typing import Any
+
+import torch
 
 
 def cpu_model() -> str:
@@ -21,3 +25,12 @@ def cpu_model() -> str:
 def load_average() -> list[float]:
     """1, 5 and 15 minute load averages (empty where the OS has none)."""
     return [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else []
+
+
+def machine_facts(**extra: Any) -> dict[str, Any]:
+    """Date, usable CPUs, CPU model, Python and torch versions, `extra` (e.g. thread counts)
+    and the load average, in the order the benchmarks print them."""
+    nproc = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+            "nproc": nproc, "cpu": cpu_model(), "python": platform.python_version(),
+            "torch": torch.__version__, **extra, "load_average": load_average()}

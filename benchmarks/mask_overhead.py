@@ -40,6 +40,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from machine import load_average
 from torch import Tensor, nn
 
 import instill
@@ -297,7 +298,7 @@ def machine_facts(device: torch.device) -> dict[str, Any]:
         "device": str(device),
     }
     if hasattr(os, "getloadavg"):
-        facts["load_average"] = [round(x, 2) for x in os.getloadavg()]
+        facts["load_average"] = load_average()
     if device.type == "cuda":
         facts["gpu"] = torch.cuda.get_device_name(device)
     return facts

@@ -37,11 +37,9 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime
 import hashlib
 import json
 import os
-import platform
 import resource
 import shutil
 import statistics
@@ -52,7 +50,7 @@ from collections import defaultdict
 from typing import Any
 
 import torch
-from machine import cpu_model, load_average
+from machine import load_average, machine_facts
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -68,21 +66,6 @@ from instill.runio import to_dict
 
 DEFAULT_THREADS = torch.get_num_threads()  # torch's own choice, before anything changes it
 LAYERS = 2
-
-
-
-# -- machine facts ------------------------------------------------------------------------------
-def machine_facts() -> dict[str, Any]:
-    return {
-        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "nproc": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-        else os.cpu_count(),
-        "cpu": cpu_model(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "torch_default_threads": DEFAULT_THREADS,
-        "load_average": load_average(),
-    }
 
 
 def cpu_seconds() -> float:
@@ -449,7 +432,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(1)
-    facts = machine_facts()
+    facts = machine_facts(torch_default_threads=DEFAULT_THREADS)
     started = time.perf_counter()
     os.makedirs(args.cache_dir, exist_ok=True)
     base = prepared_run(args.cache_dir)

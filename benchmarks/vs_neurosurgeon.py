@@ -29,11 +29,9 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime
 import hashlib
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -41,7 +39,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from machine import cpu_model, load_average
+from machine import load_average, machine_facts
 from torch import Tensor, nn
 
 from instill.core import MaskConfig, Subnetwork, apply_subnetwork
@@ -52,21 +50,6 @@ from instill.training import DiscoveryConfig, discover
 
 TARGET_RE = r".*\.(c_attn|c_proj|c_fc)"
 LAYERS = 2
-
-
-
-# -- machine facts ------------------------------------------------------------------------------
-def machine_facts() -> dict[str, Any]:
-    return {
-        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "nproc": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-        else os.cpu_count(),
-        "cpu": cpu_model(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "load_average": load_average(),
-    }
 
 
 # -- the base model -------------------------------------------------------------------------------
@@ -250,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
                            final_temperature=args.final_temp,
                            mask=MaskConfig(targets=TARGET_RE, init=args.init,
                                            l0_lambda=args.l0_lambda), fused=True)
-    facts = machine_facts()
+    facts = machine_facts(torch_threads=torch.get_num_threads())
     facts["neurosurgeon"] = NeuroSurgeon.__version__
     facts["activations"] = {"instill": run.cfg.activation, "neurosurgeon": args.ns_activation}
 
