@@ -30,8 +30,9 @@ __all__ = [
 Pairs = tuple[torch.Tensor, torch.Tensor]
 
 _COVER_ROUNDS = 200
-MAX_NUMBERS = 10_000  # pairs are drawn from all numbers^2 combinations, held in memory
 """Repair rounds when building a cover that avoids excluded or diagonal pairs."""
+MAX_NUMBERS = 10_000
+"""Largest `numbers`: pairs are drawn from all numbers^2 combinations held in memory."""
 
 
 @dataclass(frozen=True)
