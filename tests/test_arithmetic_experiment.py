@@ -14,9 +14,11 @@ from instill.errors import ConfigError
 from instill.experiments import arithmetic as arith
 from instill.experiments.arithmetic import load_config, run_arithmetic
 
+# Gates that always pass: a model this small learns nothing (the gate tests set their own).
+OPEN_GATES = {"base_accuracy": 0.0, "subnetwork_accuracy": 0.0, "ablation_margin": -1.0}
 TINY = {
     "numbers": 14, "layers": [1], "n_embd": 16, "n_head": 2, "loss": "answer", "seeds": 1,
-    "base_samples": 600, "base_val": 100,
+    "replicates": 2, "gates": OPEN_GATES, "base_samples": 100, "base_val": 30,
     "base_fit": {"epochs": 3, "batch_size": 64, "lr": 3e-3, "patience": None},
     "subtask_samples": 300, "discovery": {"epochs": 2, "batch_size": 100},
     "grid": [0, 8], "conditions": ["subnet", "sampled", "random"],
@@ -34,19 +36,30 @@ def tiny_run(tmp_path_factory):
 
 def test_tiny_run_writes_every_output_well_formed(tiny_run):
     cfg, out, _ = tiny_run
-    for name in ("config.json", "base/L1.safetensors", "base/L1.json",
-                 "subnetworks/L1.safetensors", "verify.json", "results.csv", "summary.json",
-                 "data_efficiency.png", "report.md", "manifest.json"):
+    for name in ("config.json", *(f"pipelines/L1-r{r}/{f}" for r in (0, 1) for f in (
+                 "attempts.json", "a0/base.safetensors", "a0/base.json",
+                 "a0/subnetwork.safetensors", "a0/verify.json")),
+                 "verify.json", "results.csv", "summary.json", "data_efficiency.png",
+                 "report.md", "manifest.json"):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
     rows = list(csv.DictReader((out / "results.csv").open()))
-    assert len(rows) == 2 * 3  # grid x conditions x seeds x depths
-    assert set(rows[0]) >= {"layers", "n", "seed", "condition", "test_accuracy",
+    assert len(rows) == 2 * 3 * 2  # grid x conditions x seeds x depths x replicates
+    assert set(rows[0]) >= {"layers", "replicate", "n", "seed", "condition", "test_accuracy",
                             "accuracy[2*a^2]", "accuracy[2*b^2]", "best_epoch"}
+    assert {r["replicate"] for r in rows} == {"0", "1"}
     assert all(0 <= float(r["test_accuracy"]) <= 1 for r in rows)
     saved = json.loads((out / "summary.json").read_text())
-    assert set(saved["samples_to_threshold"]) == {"subnet", "sampled", "random"}
-    assert "ratio_random_to_subnet" in saved
-    verify = json.loads((out / "verify.json").read_text())["L1"]
+    assert set(saved["conditions"]) == {"subnet", "sampled", "random"}
+    assert saved["units"] == ["L1-r0", "L1-r1"]
+    assert set(saved["subnet_vs"]) == {"sampled", "random"}
+    for paired in saved["subnet_vs"].values():
+        assert paired["n"] == 2 and paired["p_adjusted"] >= paired["p_value"]
+        assert paired["decision"] in ("better", "worse", "indistinguishable")
+    auc = saved["conditions"]["subnet"]["auc"]
+    assert auc["low"] <= auc["mean"] <= auc["high"] and auc["n"] == 2
+    assert saved["headline"].startswith("Over 2 independent pipelines")
+    assert saved["gates_overridden"] == []
+    verify = json.loads((out / "verify.json").read_text())["L1-r0"]
     assert set(verify["accuracy"]) == {"full model", "subnetwork only", "subnetwork ablated",
                                        "random same-size ablated"}
     assert 0 <= verify["density"] <= 1 and verify["per_layer_density"]
@@ -54,7 +67,7 @@ def test_tiny_run_writes_every_output_well_formed(tiny_run):
     assert recorded["config"]["numbers"] == 14 and recorded["seed"] == cfg.seed
     assert "torch" in recorded["packages"]
     report = (out / "report.md").read_text()
-    assert "Disambiguation samples needed to reach 0.95" in report
+    assert saved["headline"] in report and "## Gates" in report
     assert "data_efficiency.png" in report and "`numbers`: 14 (paper: 1000)" in report
     assert "`base_fit.epochs`: 3 (paper: 50)" in report
 
@@ -81,13 +94,14 @@ def test_resume_removes_temporaries_a_killed_run_left(tiny_run):
     run_arithmetic(cfg, out, log=logged.append)
     assert not any(path.exists() for path in stale)
     assert sum("left by an interrupted run" in line for line in logged) == 2
-    assert sorted(p.name for p in (out / "cells").iterdir()) == ["L1-n0-s0.json", "L1-n8-s0.json"]
+    assert sorted(p.name for p in (out / "cells").iterdir()) == [
+        f"L1-r{r}-n{n}-s0.json" for r in (0, 1) for n in (0, 8)]
 
 
 def test_missing_cell_is_recomputed_and_others_are_not(tiny_run, monkeypatch):
     cfg, out, _ = tiny_run
     before = (out / "results.csv").read_text()
-    (out / "cells/L1-n8-s0.json").unlink()
+    (out / "cells/L1-r1-n8-s0.json").unlink()
     calls = []
     real_fit = arith.fit
 
@@ -97,7 +111,7 @@ def test_missing_cell_is_recomputed_and_others_are_not(tiny_run, monkeypatch):
 
     monkeypatch.setattr(arith, "fit", counting_fit)
     run_arithmetic(cfg, out, log=lambda _: None)
-    assert sorted(calls) == sorted(f"{c} L1 n=8 s0" for c in cfg.conditions)
+    assert sorted(calls) == sorted(f"{c} L1 r1 n=8 s0" for c in cfg.conditions)
     assert (out / "results.csv").read_text() == before  # same seed -> same numbers
 
 
@@ -138,7 +152,7 @@ def test_presets_and_overrides_layer_in_order():
 
 def test_worker_processes_give_the_same_results(tiny_run, tmp_path):
     cfg, out, _ = tiny_run
-    for name in ("config.json", "base", "subnetworks"):  # only the cells are recomputed
+    for name in ("config.json", "pipelines"):  # only the cells are recomputed
         (shutil.copytree if (out / name).is_dir() else shutil.copy)(out / name, tmp_path / name)
     run_arithmetic(cfg, tmp_path, log=lambda _: None, workers=2)
     assert (tmp_path / "results.csv").read_text() == (out / "results.csv").read_text()

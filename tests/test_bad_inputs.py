@@ -228,24 +228,25 @@ def _edit_json(path: Path, **changes) -> None:
     path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
 
 
+BASE, SUB = "pipelines/L1-r0/a0/base.safetensors", "pipelines/L1-r0/a0/subnetwork.safetensors"
 DAMAGE = [
-    pytest.param("subnetworks/L1.safetensors", _other_size_subnetwork, [],
+    pytest.param(SUB, _other_size_subnetwork, [],
                  ["the subnetwork's mask for 'transformer.h.0.attn.c_attn.weight' has shape "
                   "(32, 96), the model's parameter has (16, 48)", "another size",
-                  "subnetworks/L1.safetensors and rerun the same command to rediscover it"],
+                  f"{SUB} and rerun the same command to rediscover it"],
                  id="subnetwork-of-another-size"),
-    pytest.param("base/L1.safetensors", lambda p: save_model(p, _other_size_model()), [],
-                 ["base/L1.safetensors holds weights for another architecture",
+    pytest.param(BASE, lambda p: save_model(p, _other_size_model()), [],
+                 [f"{BASE} holds weights for another architecture",
                   "other shapes: transformer.", "rerun the same command to retrain it"],
                  id="base-of-another-size"),
-    pytest.param("base/L1.safetensors", _truncate, [],
-                 ["base/L1.safetensors is not a valid safetensors file", "truncated",
+    pytest.param(BASE, _truncate, [],
+                 [f"{BASE} is not a valid safetensors file", "truncated",
                   "delete", "rerun the same command to retrain it"], id="base-truncated"),
-    pytest.param("subnetworks/L1.safetensors", lambda p: p.write_bytes(os.urandom(4000)), [],
-                 ["subnetworks/L1.safetensors is not a valid safetensors file",
+    pytest.param(SUB, lambda p: p.write_bytes(os.urandom(4000)), [],
+                 [f"{SUB} is not a valid safetensors file",
                   "rerun the same command to rediscover it"], id="subnetwork-garbage"),
-    pytest.param("cells/L1-n8-s0.json", lambda p: p.write_text('{"rows": ['), [],
-                 ["cells/L1-n8-s0.json is not a finished cell",
+    pytest.param("cells/L1-r0-n8-s0.json", lambda p: p.write_text('{"rows": ['), [],
+                 ["cells/L1-r0-n8-s0.json is not a finished cell",
                   "rerun the same command to recompute it"], id="cell-corrupt"),
     pytest.param("config.json", lambda p: None, ["--modulus", "5"],
                  ["holds results from a different config (modulus was 7, now 5)",
@@ -294,27 +295,27 @@ def test_diverging_base_fit_stops_with_the_step_and_a_hint(tmp_path):
     config.write_text(yaml.safe_dump({**TINY, "base_fit": {**TINY["base_fit"], "lr": 1e6}}))
     out = tmp_path / "run"
     result = _invoke(out, [], config)
-    _assert_user_error(result, "base L1: the loss became", "lower the learning rate")
+    _assert_user_error(result, "base L1 r0: the loss became", "lower the learning rate")
     assert re.search(r"the loss became (nan|inf|-inf) at epoch \d+, step \d+", result.output)
-    assert not (out / "base/L1.safetensors").exists()  # a diverged model is never saved
+    assert not (out / "pipelines/L1-r0/a0/base.safetensors").exists()  # a diverged model: never
 
 
 def test_nan_in_a_resumed_cell_keeps_every_earlier_output(run_copy, monkeypatch):
     run, config = run_copy
-    (run / "cells/L1-n8-s0.json").unlink()
+    (run / "cells/L1-r0-n8-s0.json").unlink()
     before = _state(run)
     real = arith.SequenceTask.loss
     monkeypatch.setattr(arith.SequenceTask, "loss",
                         lambda self, model, batch: real(self, model, batch) * float("nan"))
     result = _invoke(run, [], config)
-    _assert_user_error(result, "subnet L1 n=8 s0: the loss became nan at epoch 0, step 0",
+    _assert_user_error(result, "subnet L1 r0 n=8 s0: the loss became nan at epoch 0, step 0",
                        "lower the learning rate")
     assert _state(run) == before  # checkpoints, finished cells and the old report are kept
 
 
 def test_full_disk_is_a_clear_error_and_keeps_the_previous_files(run_copy, monkeypatch):
     run, config = run_copy
-    (run / "cells/L1-n8-s0.json").unlink()  # so the rerun has a cell to write
+    (run / "cells/L1-r0-n8-s0.json").unlink()  # so the rerun has a cell to write
     before = _state(run)
     real_replace = os.replace
 

@@ -37,9 +37,10 @@ from instill.runio import RUN_FORMAT_VERSION, load_config_file, to_dict
 torch.set_num_threads(1)
 
 # TINY with a longer grid and slower cells, so a run can be caught between its cells.
-CONFIG = {**TINY, "grid": [0, 8, 16, 24, 32],
+CONFIG = {**TINY, "replicates": 1, "grid": [0, 8, 16, 24, 32],
           "induction_fit": {"epochs": 6, "batch_size": 8}}
-CELLS = {f"L1-n{n}-s0.json" for n in CONFIG["grid"]}
+CELLS = {f"L1-r0-n{n}-s0.json" for n in CONFIG["grid"]}
+BASE, SUB = "pipelines/L1-r0/a0/base.safetensors", "pipelines/L1-r0/a0/subnetwork.safetensors"
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 SRC = Path(instill.__file__).resolve().parent
 
@@ -126,7 +127,7 @@ def runs(tmp_path_factory) -> dict:
     record["sigkill"] = _finish(proc, out)
     record["after_sigkill"] = {p.name: p.read_bytes() for p in (out / "cells").iterdir()}
     record["results_after_sigkill"] = (out / "results.csv").exists()
-    kept = [*_finished_cells(out), out / "base/L1.safetensors", out / "subnetworks/L1.safetensors"]
+    kept = [*_finished_cells(out), out / BASE, out / SUB]
     record["kept"] = _state(kept)
 
     for name in ("resumed", "first", "second"):
@@ -143,8 +144,7 @@ def test_same_command_twice_gives_bit_identical_outputs(runs):
     first, second = runs["root"] / "first", runs["root"] / "second"
     assert runs["first"][0] == runs["second"][0] == 0, runs["first"][1] + runs["second"][1]
     assert (first / "results.csv").read_bytes() == (second / "results.csv").read_bytes()
-    for name in ("subnetworks/L1.safetensors", "base/L1.safetensors",
-                 *(f"cells/{c}" for c in CELLS)):
+    for name in (SUB, BASE, *(f"cells/{c}" for c in CELLS)):
         assert (first / name).read_bytes() == (second / name).read_bytes(), name
     # Every hashed output, the plot and report included, is the same file.
     manifests = [json.loads((out / "manifest.json").read_text()) for out in (first, second)]
@@ -172,12 +172,11 @@ def test_run_records_config_seed_versions_git_revision_and_hashes(runs):
     manifest = json.loads((out / "manifest.json").read_text())
     outputs = set(_files(out)) - {"config.json", "manifest.json"}
     assert set(manifest["files"]) == outputs
-    assert {"base/L1.safetensors", "subnetworks/L1.safetensors", "results.csv",
-            *(f"cells/{c}" for c in CELLS)} <= outputs
+    assert {BASE, SUB, "results.csv", *(f"cells/{c}" for c in CELLS)} <= outputs
     for name, digest in manifest["files"].items():
         assert _sha(out / name) == digest, name
     # The subnetwork file says what it holds.
-    sub = Subnetwork.load(out / "subnetworks/L1.safetensors")
+    sub = Subnetwork.load(out / SUB)
     assert sub.metadata["layers"] == "1" and sub.metadata["subtask"] == expected["subtask"]
 
 
@@ -213,8 +212,7 @@ def test_killed_run_resumes_to_the_same_results_without_redoing_finished_cells(r
     assert _state(list(runs["kept"])) == runs["kept"]  # finished work was not redone
     assert (out / "results.csv").read_bytes() == (reference / "results.csv").read_bytes()
     assert {p.name for p in _finished_cells(out)} == CELLS
-    for name in ("base/L1.safetensors", "subnetworks/L1.safetensors",
-                 *(f"cells/{c}" for c in CELLS)):  # the same bytes from another process
+    for name in (BASE, SUB, *(f"cells/{c}" for c in CELLS)):  # the same bytes elsewhere
         assert (out / name).read_bytes() == (reference / name).read_bytes(), name
     manifest = json.loads((out / "manifest.json").read_text())["files"]
     assert not any(".tmp-" in name for name in manifest)  # a temp file is never trusted

@@ -49,16 +49,16 @@ def _strings(text: str | None) -> list[str] | None:
 
 
 def _config(load_config: Callable[..., Any], preset: str | None, config_file: Path | None,
-            overrides: dict[str, Any]) -> Any:
-    """Layer the preset (`quick`, or `paper` under a --config file), the file and the flags
-    that were given into an experiment config."""
-    from instill.runio import load_config_file
+            overrides: dict[str, Any], assignments: tuple[str, ...] = ()) -> Any:
+    """Layer the preset (`quick`, or `paper` under a --config file), the file, the flags that
+    were given and the `--set KEY=VALUE` assignments into an experiment config."""
+    from instill.runio import load_config_file, parse_assignments
 
     file_values = load_config_file(config_file) if config_file else None
     if preset is None:
         preset = "paper" if config_file else "quick"
-    return load_config(preset, file_values,
-                       {k: v for k, v in overrides.items() if v is not None})
+    flags = {k: v for k, v in overrides.items() if v is not None}
+    return load_config(preset, file_values, parse_assignments(assignments, into=flags))
 
 
 def run_options(quick: str, paper: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
@@ -74,6 +74,9 @@ def run_options(quick: str, paper: str) -> Callable[[Callable[..., Any]], Callab
                          help="YAML or JSON file of config values (unknown keys are errors)."),
             click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
                          help="Run directory; rerunning with the same directory resumes."),
+            click.option("--set", "assignments", multiple=True, metavar="KEY=VALUE",
+                         help="Any config value by its dotted key, e.g. base_fit.lr=1e-3 or "
+                              "gates.enforce=false (repeatable; applied last)."),
         ]):
             fn = option(fn)
         return fn
@@ -96,11 +99,14 @@ def main() -> None:
 @click.option("--modulus", type=int, help="Answers are reduced modulo this (>= 2).")
 @click.option("--numbers", type=int, help="Operands are 0 .. numbers-1.")
 @click.option("--layers", help="Comma-separated GPT-2 depths, e.g. '2,4'.")
-@click.option("--seeds", type=int, help="Number of seeds per grid point.")
+@click.option("--replicates", type=int,
+              help="Independent pipelines (base model, subnetwork, cells) per depth.")
+@click.option("--seeds", type=int, help="Downstream seeds per replicate and grid point.")
 @click.option("--seed", type=int, help="Base random seed.")
 @click.option("--grid", help="Comma-separated disambiguation sample counts.")
 @click.option("--conditions", help="Comma-separated subset of subnet,sampled,complement,full,"
-                                   "random.")
+                                   "random,embeddings_only,subnet-fresh,sampled-fresh,"
+                                   "complement-fresh.")
 @click.option("--loss", type=click.Choice(["lm", "answer"]),
               help="Language-modelling loss on the whole sequence (paper) or answer only.")
 @click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True,
@@ -108,26 +114,24 @@ def main() -> None:
 @click.option("--workers", type=click.IntRange(min=1), default=None,
               help="Processes running induction cells side by side [default: CPU count].")
 @user_errors
-def arithmetic(preset, config_file, out, threads, workers, **flags) -> None:
+def arithmetic(preset, config_file, out, assignments, threads, workers, **flags) -> None:
     """Modular arithmetic: data efficiency of Subtask Induction against its controls."""
     from instill.experiments.arithmetic import load_config, run_arithmetic
 
     overrides = {
         **{k: v for k, v in flags.items() if v is not None and k in (
-            "base", "subtask", "target", "modulus", "numbers", "seeds", "seed", "loss")},
+            "base", "subtask", "target", "modulus", "numbers", "replicates", "seeds", "seed",
+            "loss")},
         "alternatives": _strings(flags["alternatives"]),
         "layers": _ints(flags["layers"], "layers"),
         "grid": _ints(flags["grid"], "grid"),
         "conditions": _strings(flags["conditions"]),
     }
-    cfg = _config(load_config, preset, config_file, overrides)
+    cfg = _config(load_config, preset, config_file, overrides, assignments)
     start = time.perf_counter()
     workers = workers or os.cpu_count() or 1
     summary = run_arithmetic(cfg, out, log=click.echo, threads=threads, workers=workers)
-    from instill.experiments.arithmetic_report import headline
-
-    click.echo(headline(cfg, summary))
-    click.echo(f"samples_to_threshold: {summary['samples_to_threshold']}")
+    click.echo(summary["headline"])
     click.echo(f"done in {time.perf_counter() - start:.0f} s; report: {out / 'report.md'}")
 
 
@@ -153,7 +157,7 @@ def arithmetic(preset, config_file, out, threads, workers, **flags) -> None:
               help="Torch threads (small models run fastest on one).")
 @click.option("--device", default="cpu", show_default=True, help="Torch device, e.g. cuda.")
 @user_errors
-def shapebias(preset, config_file, out, threads, device, **flags) -> None:
+def shapebias(preset, config_file, out, assignments, threads, device, **flags) -> None:
     """Shape bias: instill a shape subnetwork in image classifiers (ResNet or ViT)."""
     from instill.experiments.shapebias import ARCHS, load_config, run_shapebias
 
@@ -166,7 +170,7 @@ def shapebias(preset, config_file, out, threads, device, **flags) -> None:
         "grid": _ints(flags["grid"], "grid"),
         "conditions": _strings(flags["conditions"]),
     }
-    cfg = _config(load_config, preset, config_file, overrides)
+    cfg = _config(load_config, preset, config_file, overrides, assignments)
     start = time.perf_counter()
     summary = run_shapebias(cfg, out, log=click.echo, threads=threads, device=device)
     click.echo(summary["headline"])

@@ -46,6 +46,7 @@ __all__ = [
     "hash_files",
     "load_config_file",
     "load_tensors",
+    "parse_assignments",
     "run_metadata",
     "save_tensors",
     "to_dict",
@@ -352,6 +353,40 @@ def load_config_file(path: PathLike) -> dict[str, Any]:
             f"got a {type(data).__name__}; write `key: value` lines"
         )
     return data
+
+
+def _assigned_value(text: str) -> Any:
+    """One --set value: JSON (1e-3, [2, 4], true, null), else YAML, else the text itself."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        pass
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def parse_assignments(items: Iterable[str], into: dict[str, Any] | None = None
+                      ) -> dict[str, Any]:
+    """`["base_fit.lr=1e-3", "layers=[2, 4]"]` as nested config values (each value read as
+    JSON, else YAML, else kept as text, so numbers, lists, null, booleans and plain words such
+    as `a + b` work; nothing is evaluated)."""
+    out: dict[str, Any] = dict(into or {})
+    for item in items:
+        key, sep, text = item.partition("=")
+        parts = key.strip().split(".")
+        if not sep or not all(parts):
+            raise ConfigError(f"--set takes KEY=VALUE with a dotted key such as "
+                              f"base_fit.lr=1e-3, got {item!r}")
+        value = _assigned_value(text.strip())
+        node = out
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {item!r}: {part} was set to a value, not a section")
+        node[parts[-1]] = value
+    return out
 
 
 # --------------------------------------------------------------------------- dataclass configs

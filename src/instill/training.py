@@ -33,6 +33,8 @@ class FitConfig:
     optimizer: str = "adamw"
     momentum: float = 0.9
     patience: int | None = None  # stop after this many validations without a better score
+    stop_at: float | None = None  # stop once the validation score reaches this (task learnt)
+    stop_after: int = 1  # ... on this many validations in a row (not on a lucky one)
     eval_every: int = 1  # validate every k-th epoch and the last; 1 is the paper's schedule
     fused: bool = False  # AdamW's fused kernel (torch >= 2.4): the same update in fewer ops,
     # faster for small models, but rounded differently, so results differ in the last bits
@@ -49,6 +51,10 @@ class FitConfig:
             raise ConfigError(f"patience must be >= 1 or null, got {self.patience}")
         if self.eval_every < 1:
             raise ConfigError(f"eval_every must be >= 1, got {self.eval_every}")
+        if self.stop_at is not None and not 0 < self.stop_at <= 1:
+            raise ConfigError(f"stop_at must be in (0, 1] or null, got {self.stop_at}")
+        if self.stop_after < 1:
+            raise ConfigError(f"stop_after must be >= 1, got {self.stop_after}")
 
 
 @dataclass
@@ -110,7 +116,7 @@ def fit(model: nn.Module, data: Sequence[Tensor], loss_fn: LossFn, cfg: FitConfi
     params = list(model.parameters()) if params is None else params
     optimizer = make_optimizer(params, cfg)
     generator = torch.Generator().manual_seed(seed)
-    result, best_state, stale = FitResult(), None, 0
+    result, best_state, stale, settled = FitResult(), None, 0, 0
     bar = tqdm(range(cfg.epochs), desc=desc, leave=False, disable=None)
     try:
         for epoch in bar:
@@ -123,6 +129,8 @@ def fit(model: nn.Module, data: Sequence[Tensor], loss_fn: LossFn, cfg: FitConfi
             last = epoch == cfg.epochs - 1
             if evaluate is not None and (epoch % cfg.eval_every == cfg.eval_every - 1 or last):
                 row["val"] = score = evaluate(model)
+                reached = cfg.stop_at is not None and score >= cfg.stop_at
+                settled = settled + 1 if reached else 0
                 if score > result.best_score:
                     result.best_score, result.best_epoch, stale = score, epoch, 0
                     best_state = copy.deepcopy(model.state_dict())
@@ -131,6 +139,8 @@ def fit(model: nn.Module, data: Sequence[Tensor], loss_fn: LossFn, cfg: FitConfi
             result.history.append(row)
             bar.set_postfix({k: round(v, 4) for k, v in row.items() if k != "epoch"})
             if cfg.patience is not None and stale >= cfg.patience:
+                break
+            if settled >= cfg.stop_after:
                 break
     finally:
         if best_state is not None:

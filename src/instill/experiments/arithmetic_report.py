@@ -1,4 +1,11 @@
-"""Tables, summary, plot and report.md of an arithmetic run."""
+"""Tables, statistics, plot and report.md of an arithmetic run.
+
+The unit of replication is the pipeline (one depth x one replicate: its own base model and
+subnetwork); downstream seeds within a pipeline are averaged first. Per condition: the area
+under the data-efficiency curve over log n (AUC) and the samples needed to reach the
+threshold, with 95% bootstrap intervals over pipelines; Subtask Induction against every other
+condition as paired differences (same pipeline, same data) with a paired t-test, Holm-corrected.
+"""
 
 from __future__ import annotations
 
@@ -8,75 +15,112 @@ import statistics
 from collections import defaultdict
 from typing import Any
 
-from instill.runio import RunDir, atomic_path, atomic_write_text, to_dict, write_json
+from instill import stats
+from instill.experiments.common import CONDITIONS
+from instill.runio import RunDir, atomic_path, atomic_write_text, write_json
 
-LABELS = {"subnet": "Subtask Induction", "sampled": "sampled subnetwork",
-          "complement": "complement subnetwork", "full": "full model transfer",
-          "random": "random init"}
+OURS = "subnet"
+#: Where the transfer comes from: (with, without) pairs the report compares as well.
+SOURCES = [("subnet", "subnet-fresh"), ("embeddings_only", "random"), ("subnet-fresh", "random")]
 
 
-def _mean_by(rows: list[dict], key: str) -> dict[str, dict[int, float]]:
-    """condition -> n -> mean of `key` over seeds and depths."""
-    groups: dict[tuple[str, int], list[float]] = defaultdict(list)
+def label(condition: str) -> str:
+    return CONDITIONS[condition].label
+
+
+def curves(rows: list[dict], key: str = "test_accuracy") -> dict[str, dict[str, dict[int, float]]]:
+    """condition -> pipeline ("L2-r0") -> n -> mean of `key` over downstream seeds."""
+    groups: dict[tuple[str, str, int], list[float]] = defaultdict(list)
     for row in rows:
-        groups[row["condition"], row["n"]].append(row[key])
-    out: dict[str, dict[int, float]] = defaultdict(dict)
-    for (condition, n), values in sorted(groups.items(), key=lambda kv: kv[0][1]):
-        out[condition][n] = statistics.fmean(values)
+        unit = f"L{row['layers']}-r{row['replicate']}"
+        groups[row["condition"], unit, row["n"]].append(row[key])
+    out: dict[str, dict[str, dict[int, float]]] = defaultdict(lambda: defaultdict(dict))
+    for (condition, unit, n), values in sorted(groups.items()):
+        out[condition][unit][n] = statistics.fmean(values)
     return out
 
 
-def samples_to_threshold(curve: dict[int, float], threshold: float) -> int | None:
-    """Smallest n whose mean accuracy reaches the threshold, or None if none does."""
-    return next((n for n, acc in sorted(curve.items()) if acc >= threshold), None)
+def _paired(per_unit: dict[str, dict[str, float]], a: str, b: str) -> stats.Paired:
+    units = sorted(set(per_unit[a]) & set(per_unit[b]))
+    return stats.paired_difference([per_unit[a][u] for u in units],
+                                   [per_unit[b][u] for u in units])
 
 
-def summarize(cfg, rows: list[dict], verify: dict, problems: list[str]) -> dict[str, Any]:
-    """summary.json: curves per condition, samples to threshold and the random/subnet ratio."""
-    curves = _mean_by(rows, "test_accuracy")
-    alts = {alt: _mean_by(rows, f"accuracy[{alt}]") for alt in cfg.alternatives}
-    reach = {c: samples_to_threshold(curves[c], cfg.threshold) for c in cfg.conditions}
-    ratio = bound = None
-    if reach.get("subnet") and "random" in reach:
-        if reach["random"] is not None:
-            ratio = reach["random"] / reach["subnet"]
-        else:  # random init never got there: the ratio exceeds the grid's end over subnet
-            bound = max(cfg.grid) / reach["subnet"]
+def summarize(cfg, rows: list[dict], verify: dict, problems: list[str],
+              gates: dict[str, Any]) -> dict[str, Any]:
+    """summary.json: per-condition AUC and samples to threshold with intervals, paired
+    comparisons of Subtask Induction against every control, and the gates' record."""
+    by = curves(rows)
+    auc = {c: {u: stats.auc_log(curve) for u, curve in by[c].items()} for c in cfg.conditions}
+    reach = {c: {u: stats.samples_to_threshold(curve, cfg.threshold)
+                 for u, curve in by[c].items()} for c in cfg.conditions}
+    ns = sorted({n for c in by.values() for curve in c.values() for n in curve})
+    conditions = {}
+    for c in cfg.conditions:
+        reached = [v for v in reach[c].values() if v is not None]
+        conditions[c] = {
+            "label": label(c),
+            "auc": stats.bootstrap_mean(list(auc[c].values())).to_dict(),
+            "samples_to_threshold": reach[c],
+            "never": stats.never_count(list(reach[c].values())),
+            "median_samples_to_threshold": statistics.median(reached) if reached else None,
+            "mean_test_accuracy": {str(n): stats.bootstrap_mean(
+                [by[c][u][n] for u in by[c] if n in by[c][u]]).to_dict() for n in ns},
+            "accuracy_under_alternatives": {alt: statistics.fmean(
+                r[f"accuracy[{alt}]"] for r in rows if r["condition"] == c)
+                for alt in cfg.alternatives},
+        }
+    versus = stats.adjust({c: _paired(auc, OURS, c) for c in cfg.conditions
+                           if OURS in cfg.conditions and c != OURS})
+    sources = stats.adjust({f"{a} - {b}": _paired(auc, a, b) for a, b in SOURCES
+                            if a in cfg.conditions and b in cfg.conditions})
     return {
         "threshold": cfg.threshold,
-        "samples_to_threshold": reach,
-        "ratio_random_to_subnet": ratio,
-        "ratio_random_to_subnet_exceeds": bound,
-        "mean_test_accuracy": {c: {str(n): a for n, a in curves[c].items()}
-                               for c in cfg.conditions},
-        "mean_accuracy_under_alternatives": {
-            alt: {c: {str(n): a for n, a in by[c].items()} for c in cfg.conditions}
-            for alt, by in alts.items()},
+        "units": sorted({u for c in by.values() for u in c}),
+        "metric": "auc: area under test accuracy over log10(1 + n), divided by its range",
+        "conditions": conditions,
+        "subnet_vs": {c: {**p.to_dict(), "decision": stats.decide(p)} for c, p in versus.items()},
+        "sources": {k: {**p.to_dict(), "decision": stats.decide(p)} for k, p in sources.items()},
+        "gates": gates,
+        "gates_overridden": sorted(u for u, g in gates.items() if g.get("overridden")),
         "subnetwork_density": {k: v["density"] for k, v in verify.items()},
         "ambiguity_problems": problems,
+        "headline": headline(cfg, conditions, versus, gates),
     }
 
 
-def headline(cfg, summary: dict) -> str:
-    """The result in one sentence: samples each condition needed to reach the threshold."""
-    reach, curves = summary["samples_to_threshold"], summary["mean_test_accuracy"]
-
-    def said(c: str) -> str:
-        if reach[c] is None:
-            best = max(curves[c].values())
-            return f"{LABELS[c]} never within n <= {max(cfg.grid)} (best {best:.2f})"
-        return f"{LABELS[c]} {reach[c]}"
-
-    return (f"Disambiguation samples needed to reach {cfg.threshold:.2f} test accuracy on "
-            f"`{cfg.target}` (mean over {cfg.seeds} seed(s), depths {cfg.layers}): "
-            + "; ".join(said(c) for c in cfg.conditions) + ".")
+def headline(cfg, conditions: dict, versus: dict[str, stats.Paired], gates: dict) -> str:
+    """One sentence that says only what the intervals support."""
+    units = len(gates)
+    warn = [u for u, g in gates.items() if g.get("overridden")]
+    prefix = (f"WARNING: gates failed and were overridden for {', '.join(warn)}; these "
+              "results rest on a base model or subnetwork that did not pass. " if warn else "")
+    if OURS not in conditions:
+        return prefix + f"No Subtask Induction condition was run ({units} pipelines)."
+    ours = conditions[OURS]
+    groups: dict[str, list[str]] = defaultdict(list)
+    for c, p in versus.items():
+        groups[stats.decide(p)].append(
+            f"{label(c)} ({p.mean_diff:+.2f} [{p.low:+.2f}, {p.high:+.2f}])")
+    reach = ours["median_samples_to_threshold"]
+    parts = [f"Over {units} independent pipelines (depths {cfg.layers}), Subtask Induction's "
+             f"data-efficiency AUC on `{cfg.target}` is {stats.Interval(**ours['auc'])}"
+             + (f" (median {reach:g} samples to {cfg.threshold})" if reach is not None
+                else f" (it never reaches {cfg.threshold} in {ours['never']} of {units})")]
+    said = {"better": "higher than", "worse": "lower than",
+            "indistinguishable": "indistinguishable at this power from"}
+    for decision in ("better", "worse", "indistinguishable"):
+        if groups[decision]:
+            parts.append(f"{said[decision]} {', '.join(groups[decision])}")
+    return prefix + "; ".join(parts) + " (paired AUC differences, 95% intervals, Holm-corrected)."
 
 
 def write_csv(run: RunDir, cfg, rows: list[dict]) -> None:
-    keys = ["layers", "n", "seed", "condition", "test_accuracy",
+    keys = ["layers", "replicate", "n", "seed", "condition", "test_accuracy",
             *[f"accuracy[{a}]" for a in cfg.alternatives], "val_accuracy", "best_epoch"]
     order = {c: i for i, c in enumerate(cfg.conditions)}
-    rows = sorted(rows, key=lambda r: (r["layers"], r["n"], r["seed"], order[r["condition"]]))
+    rows = sorted(rows, key=lambda r: (r["layers"], r["replicate"], r["n"], r["seed"],
+                                       order[r["condition"]]))
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=keys, lineterminator="\n")
     writer.writeheader()
@@ -86,43 +130,42 @@ def write_csv(run: RunDir, cfg, rows: list[dict]) -> None:
     atomic_write_text(run.path("results.csv"), buffer.getvalue())
 
 
-def plot(run: RunDir, cfg, rows: list[dict]) -> None:
-    """data_efficiency.png: accuracy against n (band over seeds), and hypotheses adopted."""
+def plot(run: RunDir, cfg, summary: dict) -> None:
+    """data_efficiency.png: accuracy against n with 95% bands over pipelines, and the
+    hypotheses each condition adopted."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5),
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.8),
                                       gridspec_kw={"width_ratios": [3, 2]})
-    for condition in cfg.conditions:
-        per_seed: dict[int, list[float]] = defaultdict(list)
-        for row in rows:
-            if row["condition"] == condition:
-                per_seed[row["n"]].append(row["test_accuracy"])
-        ns = sorted(per_seed)
-        mean = [statistics.fmean(per_seed[n]) for n in ns]
-        left.plot(ns, mean, marker="o", label=LABELS[condition])
-        left.fill_between(ns, [min(per_seed[n]) for n in ns], [max(per_seed[n]) for n in ns],
-                          alpha=0.15)
+    conds = summary["conditions"]
+    for c in cfg.conditions:
+        points = sorted((int(n), v) for n, v in conds[c]["mean_test_accuracy"].items())
+        ns = [n for n, _ in points]
+        style = "-" if "fresh" not in c else "--"
+        left.plot(ns, [v["mean"] for _, v in points], style, marker="o", ms=3, label=label(c))
+        left.fill_between(ns, [v["low"] for _, v in points], [v["high"] for _, v in points],
+                          alpha=0.12)
     left.set_xscale("symlog", linthresh=10)
     left.axhline(cfg.threshold, color="grey", lw=0.8, ls="--")
     left.set(xlabel="disambiguation samples n", ylabel=f"test accuracy ({cfg.target})",
-             ylim=(0, 1.02), title="Data efficiency (mean over seeds and depths; band: range)")
-    left.legend(fontsize=8)
-    hypotheses = [("target", "test_accuracy"), *[(a, f"accuracy[{a}]") for a in
-                                                  cfg.alternatives]]
+             ylim=(0, 1.02), title=f"Data efficiency (mean and 95% interval over "
+                                   f"{len(summary['units'])} pipelines)")
+    left.legend(fontsize=7)
+    hypotheses = [("target", None), *[(a, a) for a in cfg.alternatives]]
     width = 0.8 / len(hypotheses)
-    for i, (label, key) in enumerate(hypotheses):
-        values = [statistics.fmean(r[key] for r in rows if r["condition"] == c)
-                  for c in cfg.conditions]
+    for i, (name, alt) in enumerate(hypotheses):
+        values = [conds[c]["auc"]["mean"] if alt is None
+                  else conds[c]["accuracy_under_alternatives"][alt] for c in cfg.conditions]
         right.bar([j + i * width for j in range(len(cfg.conditions))], values, width,
-                  label=label if label != "target" else f"target {cfg.target}")
+                  label=f"target {cfg.target} (AUC)" if alt is None else f"{name} (mean)")
     right.set_xticks([j + width * (len(hypotheses) - 1) / 2 for j in range(len(cfg.conditions))],
-                     [LABELS[c].replace(" ", "\n", 1) for c in cfg.conditions], fontsize=8)
+                     [label(c).replace(" ", "\n", 1) for c in cfg.conditions], fontsize=6)
     right.set(ylabel="test answers matching", ylim=(0, 1.02),
-              title="Which hypothesis each condition adopted\n(mean over the grid)")
-    right.legend(fontsize=8)
+              title="Which hypothesis each condition adopted")
+    right.legend(fontsize=7)
     fig.tight_layout()
     with atomic_path(run.path("data_efficiency.png")) as tmp:
         fig.savefig(tmp, dpi=120)
@@ -137,80 +180,108 @@ WHY = ("Why: smaller problems (fewer numbers, depths, samples and epochs) make a
        "`instill arithmetic --preset paper` restores every setting.")
 
 
-def _ratio_line(summary: dict, cfg) -> str:
-    if summary["ratio_random_to_subnet"] is not None:
-        return f"Ratio random / subnet: {summary['ratio_random_to_subnet']:.2f}."
-    if summary["ratio_random_to_subnet_exceeds"] is not None:
-        return (f"Ratio random / subnet: more than {summary['ratio_random_to_subnet_exceeds']:.1f}"
-                f" (random init never reached {cfg.threshold} within n <= {max(cfg.grid)}).")
-    return "Ratio random / subnet: undefined (Subtask Induction did not reach the threshold)."
-
-
-def _differences(ours: Any, paper: Any, key: str = "") -> list[str]:
+def differences(ours: Any, paper: Any, key: str = "") -> list[str]:
     """Dotted keys whose values differ, down to the leaves of nested sections."""
     if isinstance(ours, dict) and isinstance(paper, dict):
-        return [d for k in paper for d in _differences(ours.get(k), paper[k],
-                                                       f"{key}.{k}" if key else k)]
+        return [d for k in paper for d in differences(ours.get(k), paper[k],
+                                                      f"{key}.{k}" if key else k)]
     return [] if ours == paper else [f"`{key}`: {ours} (paper: {paper})"]
 
 
-def _table(header: list[str], rows: list[list[Any]]) -> str:
+def table(header: list[str], rows: list[list[Any]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
     return "\n".join(lines)
 
 
-def markdown(cfg, summary: dict, verify: dict) -> str:
-    """report.md: setup, verification, curve, headline."""
-    from instill.experiments.arithmetic import ArithmeticConfig
+def _gate_rows(gates: dict[str, Any]) -> list[list[Any]]:
+    rows = []
+    for unit, record in gates.items():
+        for attempt in record["attempts"]:
+            chosen = "chosen" if attempt["attempt"] == record["attempt"] else ""
+            rows.append([unit, attempt["attempt"], "; ".join(
+                f"{g['name']} {g['value']:.3f} ({'pass' if g['passed'] else 'FAIL'} at "
+                f"{g['threshold']:g})" for g in attempt["gates"]),
+                chosen + (" (overridden)" if chosen and record.get("overridden") else "")])
+    return rows
 
-    paper = to_dict(ArithmeticConfig())
-    ours = to_dict(cfg)
-    differs = _differences(ours, paper)
-    verify_rows = []
-    for depth, v in verify.items():
-        for label, acc in v["accuracy"].items():
-            verify_rows.append([depth, label, f"{acc['subtask']:.3f}", f"{acc['base']:.3f}"])
-    curves = summary["mean_test_accuracy"]
-    ns = sorted({int(n) for c in curves.values() for n in c})
-    curve_rows = [[LABELS[c], *[f"{curves[c].get(str(n), float('nan')):.2f}" for n in ns]]
-                  for c in cfg.conditions]
-    reach = summary["samples_to_threshold"]
-    density = ", ".join(f"{d} {v['density']:.4f}" for d, v in verify.items())
+
+def _paired_rows(results: dict[str, dict], name: Any) -> list[list[Any]]:
+    return [[name(k), f"{p['mean_diff']:+.3f} [{p['low']:+.3f}, {p['high']:+.3f}]",
+             f"{p['p_value']:.2g}", f"{p['p_adjusted']:.2g}", p["n"], p["decision"]]
+            for k, p in results.items()]
+
+
+def markdown(cfg, summary: dict, verify: dict, paper: dict[str, Any], ours: dict[str, Any]
+             ) -> str:
+    """report.md: headline, setup, gates, verification, statistics."""
+    conds = summary["conditions"]
+    ns = sorted({int(n) for c in conds.values() for n in c["mean_test_accuracy"]})
+    verify_rows = [[unit, name, f"{acc['subtask']:.3f}", f"{acc['base']:.3f}"]
+                   for unit, v in verify.items() for name, acc in v["accuracy"].items()]
+    curve_rows = [[label(c), *[f"{conds[c]['mean_test_accuracy'][str(n)]['mean']:.2f}"
+                               for n in ns]] for c in cfg.conditions]
+    auc_rows = [[label(c), f"{stats.Interval(**conds[c]['auc']):.3f}",
+                 conds[c]["median_samples_to_threshold"] or "never",
+                 f"{conds[c]['never']} of {len(summary['units'])}"] for c in cfg.conditions]
+    header = ["comparison", "mean AUC difference [95%]", "p", "p (Holm)", "pairs", "decision"]
+    differs = differences(ours, paper)
+    density = ", ".join(f"{u} {v['density']:.4f}" for u, v in verify.items())
     return "\n\n".join([
         "# Subtask Induction: modular arithmetic",
-        f"**{headline(cfg, summary)}**",
+        f"**{summary['headline']}**",
         "## Setup",
         f"Base task `{cfg.base}`, subtask `{cfg.subtask}`, target `{cfg.target}` (mod "
         f"{cfg.modulus}, numbers 0..{cfg.numbers - 1}); competing hypotheses on the ambiguous "
         f"set: {', '.join(f'`{a}`' for a in cfg.alternatives)}. GPT-2 decoder, {cfg.n_embd}-dim,"
-        f" {cfg.n_head} heads, depths {cfg.layers}; {cfg.seeds} seed(s); loss `{cfg.loss}`.",
+        f" {cfg.n_head} heads, depths {cfg.layers}; {cfg.replicates} replicate pipeline(s) per "
+        f"depth (each its own base model and subnetwork), {cfg.seeds} downstream seed(s) each; "
+        f"loss `{cfg.loss}`.",
         "Settings that differ from the paper's:\n\n" + ("\n".join(f"- {d}" for d in differs)
                                                          or "- none"),
         WHY if differs else "",
-        "## Verification of the subnetwork",
+        "## Gates",
+        "Each pipeline's base model must reach the base-task threshold on held-out pairs, and "
+        "its subnetwork must compute the subtask alone and be specific (ablating it must hurt "
+        "the subtask far more than ablating as many random weights). A failed attempt is "
+        "retried with the next seed; every attempt is listed."
+        + (f" **Gates were overridden (`gates.enforce: false`) for "
+           f"{', '.join(summary['gates_overridden'])}.**" if summary["gates_overridden"] else ""),
+        table(["pipeline", "attempt", "gates", ""], _gate_rows(summary["gates"])),
+        "## Verification of the subnetworks",
         f"Density (kept fraction of the masked weights): {density}.",
-        _table(["depth", "model", "subtask accuracy", "base accuracy"], verify_rows),
+        table(["pipeline", "model", "subtask accuracy", "base accuracy"], verify_rows),
         "## Data efficiency",
         "![data efficiency](data_efficiency.png)",
-        _table(["condition", *[f"n={n}" for n in ns]], curve_rows),
-        _table(["condition", f"samples to {cfg.threshold}"],
-               [[LABELS[c], reach[c] if reach[c] is not None else "never"]
-                for c in cfg.conditions]),
-        _ratio_line(summary, cfg),
+        "Mean test accuracy over pipelines:",
+        table(["condition", *[f"n={n}" for n in ns]], curve_rows),
+        f"AUC ({summary['metric']}) with its 95% bootstrap interval over pipelines, and samples "
+        f"to {cfg.threshold} per pipeline:",
+        table(["condition", "AUC [95%]", f"median samples to {cfg.threshold}", "never reached"],
+              auc_rows),
+        "### Subtask Induction against each control (paired by pipeline)",
+        table(header, _paired_rows(summary["subnet_vs"], label)),
+        "### Where the transfer comes from",
+        "`-fresh` conditions re-initialize the untargeted parameters (embeddings, norms, "
+        "biases) too; `embeddings only` keeps them and re-initializes every targeted weight.",
+        table(header, _paired_rows(summary["sources"], lambda k: " minus ".join(
+            label(c) for c in k.split(" - ")))) if summary["sources"] else
+        "(not run: add the `-fresh` and `embeddings_only` conditions)",
         ("Ambiguity problems: " + "; ".join(summary["ambiguity_problems"]))
         if summary["ambiguity_problems"] else "The ambiguous set fits every alternative.",
     ]) + "\n"
 
 
-def write_report(run: RunDir, cfg, rows: list[dict], verify: dict,
-                 problems: list[str]) -> dict[str, Any]:
-    """Write results.csv, summary.json, data_efficiency.png and report.md; return the summary."""
+def write_report(run: RunDir, cfg, rows: list[dict], verify: dict, problems: list[str],
+                 gates: dict[str, Any], paper: dict[str, Any], ours: dict[str, Any]
+                 ) -> dict[str, Any]:
+    """Write results.csv, summary.json, data_efficiency.png and report.md; return the summary.
+    `paper` and `ours` are the paper's and this run's config as dicts (for the differences)."""
     write_csv(run, cfg, rows)
-    summary = summarize(cfg, rows, verify, problems)
+    summary = summarize(cfg, rows, verify, problems, gates)
     write_json(run.path("summary.json"), summary)
-    plot(run, cfg, rows)
-    atomic_write_text(run.path("report.md"), markdown(cfg, summary, verify))
+    plot(run, cfg, summary)
+    atomic_write_text(run.path("report.md"), markdown(cfg, summary, verify, paper, ours))
     run.record_outputs(["results.csv", "summary.json", "data_efficiency.png", "report.md",
                         "verify.json"])
     return summary
