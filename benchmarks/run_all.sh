@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # Run every benchmark from the repository root with the project's virtual environment.
 #
-#   benchmarks/run_all.sh            # all five, default sizes (about 45 minutes on 2 CPUs)
+#   benchmarks/run_all.sh            # all five, default sizes (about an hour on 2 CPUs)
 #   benchmarks/run_all.sh --quick    # smaller sizes, no end-to-end runs (about 4 minutes)
 #
 # --quick is passed through to each script; the end-to-end benchmark (both experiments' quick
-# presets, about 20 minutes) runs only without it. vs_neurosurgeon.py needs the optional
-# NeuroSurgeon package (`.venv/bin/pip install -e .[bench]`); without it a skip line is printed.
+# presets, replicated pipelines, goal <= 15 minutes each) runs only without it. NeuroSurgeon
+# (`.venv/bin/pip install -e .[bench]`) is optional: without it vs_neurosurgeon.py is skipped.
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -49,6 +49,6 @@ run step_anatomy.py
 if [[ ${#quick[@]} -eq 0 ]]; then
     run end_to_end.py
 else
-    echo "=== end_to_end.py skipped with --quick (it runs the full quick presets, ~20 minutes)"
+    echo "=== end_to_end.py skipped with --quick (it runs both quick presets, up to ~30 minutes)"
 fi
 exit $status

@@ -1,9 +1,12 @@
 """Throughput of the arithmetic induction sweep: trained models per minute.
 
-Every variant trains the SAME models: the same cells (n values x seeds), the same five
-conditions, the same starting models (instill's `starting_model` / `transplant` from one cached
-base model and subnetwork), the same target splits, epochs, learning rate and weight decay.
-They differ only in how the training runs:
+Every variant trains the SAME models: the same cells (n values x seeds), the paper's five
+conditions (`PAPER_CONDITIONS`, passed explicitly: the experiment's default list has grown to
+nine, and the figures stay comparable with the earlier ones), the same starting models
+(instill's `starting_model` / `transplant` from one cached base model and subnetwork: replicate
+0, attempt 0 of the quick preset's pipeline at depth 2), the same target splits and seeds
+(`ArithmeticRun.splits` / `ArithmeticRun.seed`), epochs, learning rate and weight decay. They
+differ only in how the training runs:
 
 * ``reference``: the paper's way, written plainly: one run at a time in one process with
   torch's default thread count, a `DataLoader` over a `TensorDataset` (batch 50, shuffled), the
@@ -16,7 +19,8 @@ They differ only in how the training runs:
 * ``reference-1t``: the same loop with 1 thread, every model (its accuracies are the
   reference's: results do not depend on the thread count);
 * ``pipeline``: instill's path, `ArithmeticRun.cell` through `map_cells` with 2 worker processes
-  of 1 thread each, with the quick preset's settings (answer-token loss, batch 64);
+  of 1 thread each, with the quick preset's settings (answer-token loss, batch 64); each cell
+  loads the base model and subnetwork itself, as in `instill arithmetic`;
 * ``pipeline-lm``: the same with the paper's LM loss (does the loss choice change results?);
 * ``single``: instill's `ArithmeticRun.cell` in this process, 1 thread, no workers (separates
   the effect of the workers from per-step efficiency);
@@ -57,15 +61,18 @@ from torch.utils.data import DataLoader, TensorDataset
 from instill.experiments.arithmetic import (
     ArithmeticConfig,
     ArithmeticRun,
-    _cell_worker,
+    _attempt_dir,
+    _worker,
     load_config,
 )
-from instill.experiments.common import CONDITIONS, map_cells, merge, starting_model
+from instill.experiments.common import PAPER_CONDITIONS, map_cells, merge, starting_model
 from instill.models import set_activation
 from instill.runio import to_dict
 
 DEFAULT_THREADS = torch.get_num_threads()  # torch's own choice, before anything changes it
 LAYERS = 2
+REPLICATE, ATTEMPT = 0, 0  # the one pipeline whose base model and subnetwork every variant uses
+CONDITIONS = list(PAPER_CONDITIONS)  # the paper's five, as before the registry grew
 
 
 def cpu_seconds() -> float:
@@ -77,28 +84,36 @@ def cpu_seconds() -> float:
 
 # -- the shared base model and subnetwork -------------------------------------------------------
 def prepared_run(cache_dir: str) -> ArithmeticRun:
-    """The quick preset's base model and subnetwork (trained / discovered once, then cached)."""
+    """The quick preset's base model and subnetwork of replicate 0, attempt 0 (trained /
+    discovered once, then cached)."""
     cfg = load_config("quick", overrides={"layers": [LAYERS]})
     key = hashlib.sha1(json.dumps(to_dict(cfg), sort_keys=True).encode()).hexdigest()[:10]
     run = ArithmeticRun(cfg, os.path.join(cache_dir, f"arith-base-{key}"),
                         log=lambda msg: print(msg, file=sys.stderr))
-    model = run.base_model(LAYERS)
-    run.subnetwork(LAYERS, model)
+    info = run.base_phase(LAYERS, REPLICATE, ATTEMPT)
+    gate = cfg.gates.base_accuracy
+    print(f"base model L{LAYERS} r{REPLICATE} a{ATTEMPT}: held-out test accuracy "
+          f"{info['test_accuracy']:.3f} (base gate {gate}: "
+          f"{'pass' if info['test_accuracy'] >= gate else 'FAIL'})", file=sys.stderr)
+    model = run.base_model(LAYERS, REPLICATE, ATTEMPT)
+    run.subnetwork(LAYERS, REPLICATE, ATTEMPT, model)
     return run
 
 
 def sweep_config(args: argparse.Namespace, spec: dict[str, Any]) -> ArithmeticConfig:
     """The quick preset cut to the benchmark's cells and epochs, plus a variant's settings."""
     fit = {"epochs": args.epochs, "batch_size": spec["batch"], "lr": args.lr}
-    overrides = merge({"layers": [LAYERS], "grid": args.n, "seeds": args.seeds,
-                       "loss": spec["loss"], "induction_fit": fit}, spec.get("config", {}))
+    overrides = merge({"layers": [LAYERS], "replicates": 1, "grid": args.n, "seeds": args.seeds,
+                       "conditions": CONDITIONS, "loss": spec["loss"], "induction_fit": fit},
+                      spec.get("config", {}))
     return load_config("quick", overrides=overrides)
 
 
 def fresh_run_dir(base: ArithmeticRun, parent: str) -> str:
     """A new run directory holding only the cached base model and subnetwork (no cells)."""
     out = tempfile.mkdtemp(prefix="sweep-", dir=parent)
-    for name in (f"base/L{LAYERS}.safetensors", f"subnetworks/L{LAYERS}.safetensors"):
+    where = _attempt_dir(LAYERS, REPLICATE, ATTEMPT)
+    for name in (f"{where}/base.safetensors", f"{where}/subnetwork.safetensors"):
         os.makedirs(os.path.join(out, os.path.dirname(name)), exist_ok=True)
         shutil.copy(base.run.path(name), os.path.join(out, name))
     return out
@@ -152,11 +167,11 @@ def reference_sweep(base: ArithmeticRun, cfg: ArithmeticConfig, batch_size: int,
     """The same models `cell` trains, one at a time. With a time budget, stops once it is
     spent; the models then run in a fixed shuffled order so the finished ones are a fair
     sample (small and large n alike). Returns the rows and the number of models asked for."""
-    trained = base.base_model(LAYERS)
-    sub = base.subnetwork(LAYERS, trained)
-    sweep = ArithmeticRun(cfg, base.run.root, log=lambda _: None)  # splits only, no files
+    trained = base.base_model(LAYERS, REPLICATE, ATTEMPT)
+    sub = base.subnetwork(LAYERS, REPLICATE, ATTEMPT, trained)
+    sweep = ArithmeticRun(cfg, base.run.root, log=lambda _: None)  # splits, seeds; no files
     fit = cfg.induction_fit
-    splits = {seed: sweep.splits(cfg.seed + seed) for seed in range(cfg.seeds)}
+    splits = {seed: sweep.splits(REPLICATE, seed) for seed in range(cfg.seeds)}
     models = [(seed, n, c) for seed in range(cfg.seeds) for n in cfg.grid
               for c in cfg.conditions]
     if budget_s is not None:
@@ -168,10 +183,9 @@ def reference_sweep(base: ArithmeticRun, cfg: ArithmeticConfig, batch_size: int,
             break
         train = splits[seed].train_sequences(n)
         val, test = splits[seed].val_sequences(), splits[seed].test_sequences()
-        run_seed = (cfg.seed + seed) * 100_003 + LAYERS * 1009 + n
+        run_seed = sweep.seed("cell", LAYERS, REPLICATE, n, seed)  # as `ArithmeticRun.cell`
         torch.manual_seed(run_seed)
-        model = starting_model(condition, trained, sub, run_seed, freeze=cfg.freeze,
-                               keep_unmasked=cfg.keep_unmasked)
+        model = starting_model(condition, trained, sub, run_seed, freeze=cfg.freeze)
         set_activation(model, "gelu_new")  # HF GPT-2's default, as the paper ran it
         val_acc = reference_train(model, train, val, fit.epochs, fit.lr, fit.weight_decay,
                                   batch_size, run_seed)
@@ -186,16 +200,13 @@ def pipeline_sweep(base: ArithmeticRun, cfg: ArithmeticConfig, workers: int, par
     """`ArithmeticRun.cell` for every cell, exactly as `ArithmeticRun.execute` runs them."""
     out = fresh_run_dir(base, parent)
     try:
-        cells = [(n, s) for s in range(cfg.seeds) for n in cfg.grid]
+        cells = [(LAYERS, REPLICATE, ATTEMPT, n, s) for s in range(cfg.seeds) for n in cfg.grid]
         if workers > 1:
-            jobs = [(to_dict(cfg), out, LAYERS, n, seed, 1) for n, seed in cells]
-            done = map_cells(_cell_worker, jobs, workers, "induction")
+            jobs = [(to_dict(cfg), out, 1, "cell", cell) for cell in cells]
+            done = map_cells(_worker, jobs, workers, "induction")
         else:
             run = ArithmeticRun(cfg, out, log=lambda _: None)
-            model = run.base_model(LAYERS)
-            sub = run.subnetwork(LAYERS, model)
-            done = map_cells(lambda job: run.cell(LAYERS, *job, model, sub), cells, 1,
-                             "induction")
+            done = map_cells(lambda cell: run.cell(*cell), cells, 1, "induction")
         return [row for rows in done for row in rows]
     finally:
         shutil.rmtree(out, ignore_errors=True)
@@ -277,10 +288,10 @@ def profile_steps(base: ArithmeticRun, args: argparse.Namespace, steps: int = 20
     from instill.training import make_optimizer, run_epoch
 
     torch.set_num_threads(1)
-    trained = base.base_model(LAYERS)
-    sub = base.subnetwork(LAYERS, trained)
+    trained = base.base_model(LAYERS, REPLICATE, ATTEMPT)
+    sub = base.subnetwork(LAYERS, REPLICATE, ATTEMPT, trained)
     cfg = sweep_config(args, VARIANTS["single"])
-    splits = ArithmeticRun(cfg, base.run.root, log=lambda _: None).splits(cfg.seed)
+    splits = ArithmeticRun(cfg, base.run.root, log=lambda _: None).splits(REPLICATE, 0)
     train, val = splits.train_sequences(400), splits.val_sequences()
     task = SequenceTask(base.spec, "answer")
     tables = {}
@@ -341,9 +352,11 @@ def print_report(facts: dict[str, Any], args: argparse.Namespace,
                  summary: dict[str, dict[str, Any]]) -> None:
     print("machine: " + ", ".join(f"{k}={v}" for k, v in facts.items()))
     asked = max(row["models_asked"] for row in summary.values())
-    print(f"sweep: n in {args.n}, {args.seeds} seed(s), {len(CONDITIONS)} conditions = {asked} "
-          f"models per variant, {args.epochs} epochs each, lr {args.lr}, weight decay 0.01, "
-          f"GPT-2 2 layers x 64 dim, 200 numbers mod 7; {args.rounds} round(s), rotating order")
+    print(f"sweep: n in {args.n}, {args.seeds} seed(s), {len(CONDITIONS)} conditions "
+          f"({', '.join(CONDITIONS)}) = {asked} models per variant, {args.epochs} epochs "
+          f"each, lr {args.lr}, weight decay 0.01, GPT-2 2 layers x 64 dim, 200 numbers mod 7, "
+          f"base model and subnetwork of pipeline L{LAYERS}-r{REPLICATE} attempt {ATTEMPT}; "
+          f"{args.rounds} round(s), rotating order")
     for name in summary:
         print(f"  {name:<14} {VARIANTS[name]['what']}")
     ref = summary.get("reference", {}).get("models_per_min")
@@ -390,7 +403,9 @@ def print_report(facts: dict[str, Any], args: argparse.Namespace,
     for line in ratios:
         print(line)
     print("\nmean test accuracy on the target (last round), per condition:")
-    conds = [c for c in CONDITIONS if c in next(iter(summary.values()))["mean_test_accuracy"]]
+    # every condition any variant trained (a budget-stopped reference may have only a few)
+    conds = [c for c in CONDITIONS
+             if any(c in row["mean_test_accuracy"] for row in summary.values())]
     print(f"{'variant':<14} {'models':>6} " + " ".join(f"{c:>10}" for c in conds))
     for name, row in summary.items():
         print(f"{name:<14} {row['models'][-1]:>6} "
@@ -458,6 +473,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         settings = {k: getattr(args, k) for k in ("quick", "n", "seeds", "epochs", "lr",
                                                   "rounds", "variants")}
+        settings["conditions"] = CONDITIONS
         with open(args.json, "w") as fh:
             json.dump({"machine": facts, "settings": settings, "summary": summary,
                        "runs": results}, fh, indent=2)

@@ -1,7 +1,8 @@
 """Subnetwork discovery with instill's `discover` versus NeuroSurgeon 0.1.0 (the paper's code).
 
 Both run the SAME continuous-sparsification mask discovery on the SAME trained arithmetic GPT-2
-(a base model trained on `a + a*b` mod 7 with instill's `fit`, cached under --cache-dir):
+(a base model trained on `a + a*b` mod 7 with instill's `fit`: replicate 0, attempt 0 of the
+quick preset's pipeline at depth 2, `ArithmeticRun.base_phase`, cached under --cache-dir):
 
 * targets: every `c_attn` / `c_proj` / `c_fc` weight (attention and MLP matrices, HF Conv1D),
   weights only (no bias masks), one logit per weight, initialised to -0.1;
@@ -50,12 +51,14 @@ from instill.training import DiscoveryConfig, discover
 
 TARGET_RE = r".*\.(c_attn|c_proj|c_fc)"
 LAYERS = 2
+REPLICATE, ATTEMPT = 0, 0  # the pipeline whose base model both implementations mask
 
 
 # -- the base model -------------------------------------------------------------------------------
 def base_run(cache_dir: str, base_loss: str) -> ArithmeticRun:
-    """The quick preset's arithmetic setup (200 numbers, 2 layers, 64 dim); its base model is
-    trained once with instill's `fit` and cached in a run directory keyed by the config."""
+    """The quick preset's arithmetic setup (200 numbers, 2 layers, 64 dim); its base model
+    (replicate 0, attempt 0) is trained once with instill's `fit` and cached in a run directory
+    keyed by the config."""
     cfg = load_config("quick", overrides={"loss": base_loss, "layers": [LAYERS]})
     key = hashlib.sha1(json.dumps(to_dict(cfg), sort_keys=True).encode()).hexdigest()[:10]
     return ArithmeticRun(cfg, os.path.join(cache_dir, f"arith-base-{key}"),
@@ -222,8 +225,10 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
     run = base_run(args.cache_dir, args.base_loss)
-    print(f"base model: {run.run.root} (trained once, then cached)", file=sys.stderr)
-    model = run.base_model(LAYERS).eval()
+    info = run.base_phase(LAYERS, REPLICATE, ATTEMPT)
+    print(f"base model: {run.run.root} (trained once, then cached; held-out test accuracy "
+          f"{info['test_accuracy']:.3f})", file=sys.stderr)
+    model = run.base_model(LAYERS, REPLICATE, ATTEMPT).eval()
     task = SequenceTask(run.spec, args.loss)
     data = run.sequences("subtask", args.samples, args.seed + 11)
     test = run.sequences("subtask", 2000, args.seed + 12)

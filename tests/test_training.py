@@ -126,3 +126,18 @@ def test_fused_adamw_is_an_option_that_gives_the_same_training(fused):
     reference = train(FitConfig(epochs=3, lr=1e-2, fused=False))
     assert torch.allclose(train(FitConfig(epochs=3, lr=1e-2, fused=fused)), reference,
                           atol=1e-5)
+
+
+def test_stop_at_ends_training_once_validation_holds_the_target():
+    scores = iter([0.4, 0.99, 0.5, 0.99, 1.0, 1.0, 1.0, 1.0])
+    model = nn.Linear(2, 2)
+    data = xor_data(32)
+    cfg = FitConfig(epochs=8, stop_at=0.99, stop_after=2)
+    result = fit(model, data, loss_fn, cfg, evaluate=lambda m: next(scores))
+    assert [row["val"] for row in result.history] == [0.4, 0.99, 0.5, 0.99, 1.0]
+    once = iter([0.4, 0.99, 0.5])
+    result = fit(model, data, loss_fn, FitConfig(epochs=3, stop_at=0.99),
+                 evaluate=lambda m: next(once))
+    assert len(result.history) == 2  # stop_after=1: the first score at the target ends it
+    with pytest.raises(ConfigError, match="stop_after must be >= 1"):
+        FitConfig(stop_at=0.9, stop_after=0)

@@ -105,3 +105,35 @@ def test_bake_of_a_masked_model_is_the_pruned_model():
         w = pruned.get_parameter(name)
         assert torch.equal(w, masked.model.get_submodule(name.rsplit(".", 1)[0])
                            .parametrizations.weight.original * mask)
+
+
+def _plain(model):
+    return dict(instill.bake(model).named_parameters())
+
+
+def test_conditions_keep_exactly_what_their_names_say(arch):
+    from instill.experiments.common import CONDITIONS, starting_model
+
+    trained, sub, _ = discovered(arch)
+    old = dict(trained.named_parameters())
+    fresh = dict(instill.fresh_init(trained, 7).named_parameters())
+    untargeted = [n for n in old if n not in sub.masks]
+    assert untargeted and {"embeddings_only", "subnet-fresh", "sampled-fresh"} <= set(CONDITIONS)
+
+    emb = _plain(starting_model("embeddings_only", trained, sub, 7))
+    assert all(torch.equal(emb[n], old[n]) for n in untargeted)  # trained, untargeted
+    assert all(torch.equal(emb[n], fresh[n]) for n in sub.masks)  # every targeted weight fresh
+
+    for name, keeps in (("subnet", True), ("subnet-fresh", False)):
+        new = _plain(starting_model(name, trained, sub, 7))
+        source = old if keeps else fresh
+        assert all(torch.equal(new[n], source[n]) for n in untargeted), name
+        for n, mask in sub.masks.items():  # the subnetwork trained, the rest fresh
+            assert torch.equal(new[n][mask], old[n][mask])
+            assert torch.equal(new[n][~mask], fresh[n][~mask])
+    sampled = starting_model("sampled-fresh", trained, sub, 7)
+    masks = {n.rsplit(".parametrizations", 1)[0]: m for n, m in sampled.named_buffers()
+             if n.endswith(".mask")}
+    assert sum(int(m.sum()) for m in masks.values()) == sub.kept()
+    with pytest.raises(instill.errors.ConfigError, match="unknown condition 'magic'"):
+        starting_model("magic", trained, sub, 7)
