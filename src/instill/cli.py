@@ -136,28 +136,36 @@ def arithmetic(preset, config_file, out, assignments, threads, workers, **flags)
 
 
 @main.command()
-@run_options("about 10 minutes on a 2-core CPU",
+@run_options("4 replicate pipelines: an estimated 20 CPU-minutes, about 10 minutes on a "
+             "2-core CPU",
              "bigger world and model, the paper's optimizers; GPU-sized")
 @click.option("--arch", help="Architecture: resnet or vit.")
 @click.option("--classes", type=int, help="Number of shape (= texture) classes, 2..12.")
 @click.option("--size", type=int, help="Image side in pixels.")
 @click.option("--rho", type=float, help="Probability that a natural image's texture agrees "
                                         "with its shape.")
-@click.option("--seeds", type=int, help="Number of seeds per downstream size.")
+@click.option("--replicates", type=int,
+              help="Independent pipelines (base model, subnetworks, cells).")
+@click.option("--seeds", type=int, help="Downstream seeds per replicate and grid point.")
 @click.option("--seed", type=int, help="Base random seed.")
 @click.option("--grid", help="Comma-separated downstream natural training-set sizes.")
 @click.option("--conditions", help="Comma-separated subset of subnet,sampled,complement,full,"
-                                   "random,random_aug,random_subnet.")
+                                   "random,random_aug,random_subnet,embeddings_only,"
+                                   "subnet-fresh,sampled-fresh,complement-fresh.")
 @click.option("--train-dir", help="Class-per-folder natural images (replaces the generated "
                                   "natural sets; val/test held out by a seeded permutation).")
 @click.option("--shape-dir", help="Class-per-folder shape-only (e.g. mean-pooled) images.")
 @click.option("--cue-conflict-dir", help="Geirhos-style cue-conflict images "
                                          "(e.g. dog10-bird2.png).")
-@click.option("--threads", type=int, default=1, show_default=True,
-              help="Torch threads (small models run fastest on one).")
-@click.option("--device", default="cpu", show_default=True, help="Torch device, e.g. cuda.")
+@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Torch threads per process (small models run fastest on one).")
+@click.option("--workers", type=click.IntRange(min=1), default=None,
+              help="Processes running pipelines and induction cells side by side "
+                   "[default: CPU count].")
+@click.option("--device", default="cpu", show_default=True,
+              help="Torch device of every process, e.g. cuda.")
 @user_errors
-def shapebias(preset, config_file, out, assignments, threads, device, **flags) -> None:
+def shapebias(preset, config_file, out, assignments, threads, workers, device, **flags) -> None:
     """Shape bias: instill a shape subnetwork in image classifiers (ResNet or ViT)."""
     from instill.experiments.shapebias import ARCHS, load_config, run_shapebias
 
@@ -165,14 +173,16 @@ def shapebias(preset, config_file, out, assignments, threads, device, **flags) -
         raise ConfigError(f"unknown --arch {flags['arch']!r}; choose one of {list(ARCHS)}")
     overrides = {
         **{k: v for k, v in flags.items() if v is not None and k in (
-            "arch", "classes", "size", "rho", "seeds", "seed", "train_dir", "shape_dir",
-            "cue_conflict_dir")},
+            "arch", "classes", "size", "rho", "replicates", "seeds", "seed", "train_dir",
+            "shape_dir", "cue_conflict_dir")},
         "grid": _ints(flags["grid"], "grid"),
         "conditions": _strings(flags["conditions"]),
     }
     cfg = _config(load_config, preset, config_file, overrides, assignments)
     start = time.perf_counter()
-    summary = run_shapebias(cfg, out, log=click.echo, threads=threads, device=device)
+    workers = workers or os.cpu_count() or 1
+    summary = run_shapebias(cfg, out, log=click.echo, threads=threads, device=device,
+                            workers=workers)
     click.echo(summary["headline"])
     click.echo(f"done in {time.perf_counter() - start:.0f} s; report: {out / 'report.md'}")
 

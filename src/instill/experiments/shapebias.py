@@ -3,19 +3,20 @@
 The generated ShapeWorld (`instill.tasks.shapes`) stands in for ImageNet: on `natural` images the
 label is the object's shape and the texture agrees with probability `rho`, so texture is an easy
 shortcut and a model trained there becomes texture-biased. Phases (each skipped when its output
-exists, so an interrupted run resumes):
+exists, so an interrupted run resumes), for each of `replicates` independent pipelines:
 
 1. train the base model (HF ResNet or ViT) on `natural` images; measure its shape bias;
-2. discover the shape subnetwork on `shape_only` images (the "mean-pooled ImageNet" analogue)
-   and verify it; with `random_subnet` in the conditions, also discover one with the same
-   settings in a randomly initialized model (is the trained model needed?);
-3. induction: cells of downstream size n x seed, every condition trained on the same `natural`
-   images: subnet, sampled, complement, full, random (`common.starting_model`), random_aug
-   (random init trained with a shape-preserving, texture-destroying augmentation) and
-   random_subnet (the random-init subnetwork transplanted like `subnet`);
+2. discover the shape subnetwork on `shape_only` images (the "mean-pooled ImageNet" analogue),
+   verify it and check the gates (a failed gate retries the pipeline with the next seed); with
+   `random_subnet` in the conditions, also discover one with the same settings in a randomly
+   initialized model (is the trained model needed?);
+3. induction: cells of replicate x downstream size n x seed, every condition trained on the same
+   `natural` images: the shared conditions (`common.starting_model`), random_aug (random init
+   trained with a shape-preserving, texture-destroying augmentation) and random_subnet (the
+   random-init subnetwork transplanted like `subnet`);
 4. evaluate each model: accuracy on held-out natural and shape_only images, shape bias on
    cue-conflict images;
-5. report (`shapebias_report`).
+5. report with intervals over replicates (`shapebias_report`).
 
 Real image folders (`train_dir`, `shape_dir`, `cue_conflict_dir`) replace the generated splits.
 """
@@ -31,33 +32,41 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from instill.checkpoint import load_model, save_model
 from instill.core import MaskConfig, Subnetwork, fresh_init, transplant
 from instill.errors import ConfigError, InstillError
 from instill.experiments.common import (
     CONDITIONS,
+    PAPER_CONDITIONS,
+    check_conditions,
     layered_config,
+    map_cells,
     starting_model,
     verify_subnetwork,
 )
-from instill.models import build_model, logits_of
-from instill.runio import RunDir, to_dict, write_json
-from instill.tasks.images import (
-    ImageSet,
-    load_cue_conflict_folder,
-    load_image_folder,
-    shape_bias,
+from instill.experiments.pipeline import Gate, GatePolicy, derive_seed, failed, run_attempts
+from instill.experiments.shapebias_report import write_report
+from instill.models import build_model
+from instill.runio import RunDir, from_dict, to_dict, write_json
+from instill.tasks.images import ImageSet
+from instill.tasks.shape_task import (
+    AugmentConfig,
+    ImageTask,
+    ShapeBiasData,
+    check_dirs,
+    load_data,
 )
-from instill.tasks.shapes import ShapeWorld, make_split
+from instill.tasks.shapes import ShapeWorld
 from instill.training import DiscoveryConfig, FitConfig, discover, fit
 
-#: Every condition this experiment compares: the shared ones plus two controls of its own.
-SHAPE_CONDITIONS = (*CONDITIONS, "random_aug", "random_subnet")
+#: The conditions compared by default: the paper's plus two controls of its own.
+SHAPE_CONDITIONS = (*PAPER_CONDITIONS, "random_aug", "random_subnet")
+#: Every condition this experiment can compare.
+ALL_SHAPE_CONDITIONS = (*CONDITIONS, "random_aug", "random_subnet")
 ARCHS = ("resnet", "vit")
+LossFn = Callable[[nn.Module, Sequence[Tensor]], Tensor]
 
 
 @dataclass
@@ -98,27 +107,29 @@ class ViTSpec:
 
 
 @dataclass
-class AugmentConfig:
-    """The `random_aug` control's shape-preserving augmentation, applied per image in the loss.
+class ShapeBiasGates(GatePolicy):
+    """What the induction sweep relies on, checked for every pipeline before it runs. The
+    defaults sit between the quick ResNet preset's measured values (docs/shapebias.md) and
+    those of a model that learnt nothing."""
 
-    Pixel-wise colour changes (grayscale, channel permutation, per-channel inversion) destroy
-    the colour statistics a texture shortcut relies on; a light box blur and Gaussian noise
-    blunt fine patterns. None of them moves a pixel, so the silhouette is untouched.
-    """
-
-    permute: bool = True
-    invert: float = 0.5      # probability of inverting each colour channel
-    grayscale: float = 0.25  # probability of turning the image gray
-    blur: float = 0.5        # probability of a 3x3 box blur
-    noise: float = 0.05      # std of additive Gaussian noise
-
-    def __post_init__(self) -> None:
-        for name in ("invert", "grayscale", "blur"):
-            if not 0 <= getattr(self, name) <= 1:
-                raise ConfigError(f"augment.{name} is a probability in [0, 1], got "
-                                  f"{getattr(self, name)}")
-        if not self.noise >= 0:
-            raise ConfigError(f"augment.noise must be >= 0, got {self.noise}")
+    # Held-out natural accuracy: the quick base models score 0.94-0.95 (0.91 at rho 0.9),
+    # chance is 1/classes (0.125 quick); 0.8 passes them all and fails an untrained model.
+    natural_accuracy: float = 0.8
+    # 1 - shape bias on cue-conflict images: quick ResNet 0.77-0.80, 0.58 at rho 0.9, ViT 0.97.
+    # 0.5 is the definition of texture-biased (more texture than shape decisions); a model at
+    # chance sits near 0.5, but it fails the accuracy gate first.
+    texture_bias: float = 0.5
+    # shape_only accuracy of the subnetwork alone: quick ResNet 0.76-0.81 (0.84 at rho 0.9);
+    # the subnetwork discovered the same way in a random-init model reaches 0.45, so 0.6 fails
+    # a subnetwork a trained model was not needed for. (The quick ViT's 0.39 fails it too.)
+    subnetwork_accuracy: float = 0.6
+    # shape_only accuracy with a same-size random ablation minus with the subnetwork ablated.
+    # In the quick ResNet both ablations drop it to chance (margin ~0; one accuracy over 1000
+    # images has a standard error of ~0.01), so the gate only asks that ablating the
+    # subnetwork hurts at least as much as ablating random weights, with 0.05 of slack; a
+    # subnetwork the model does not rely on (its ablation leaves accuracy above chance while
+    # a random one does not) fails it.
+    ablation_margin: float = -0.05
 
 
 @dataclass
@@ -135,7 +146,9 @@ class ShapeBiasConfig:
     resnet: ResNetSpec = field(default_factory=ResNetSpec)
     vit: ViTSpec = field(default_factory=ViTSpec)
     seed: int = 0
-    seeds: int = 3
+    replicates: int = 3  # independent pipelines (base model, subnetworks, cells)
+    seeds: int = 3  # downstream seeds per replicate and grid point
+    gates: ShapeBiasGates = field(default_factory=ShapeBiasGates)
     base_samples: int = 50_000
     base_val: int = 2000
     base_fit: FitConfig = field(default_factory=lambda: FitConfig(
@@ -154,7 +167,6 @@ class ShapeBiasConfig:
     n_test: int = 5000
     n_eval: int = 2000  # shape_only and cue_conflict evaluation images
     freeze: bool = True
-    keep_unmasked: bool = True
     train_dir: str | None = None
     shape_dir: str | None = None
     cue_conflict_dir: str | None = None
@@ -167,14 +179,12 @@ class ShapeBiasConfig:
         if self.arch == "vit" and self.size % self.vit.patch_size:
             raise ConfigError(f"vit.patch_size ({self.vit.patch_size}) must divide the image "
                               f"size ({self.size})")
-        if self.seeds < 1:
-            raise ConfigError(f"seeds must be >= 1, got {self.seeds}")
+        if self.seeds < 1 or self.replicates < 1:
+            raise ConfigError(f"seeds and replicates must be >= 1, got {self.seeds} and "
+                              f"{self.replicates}")
         if not self.grid or min(self.grid) < 1:
             raise ConfigError(f"grid must be a non-empty list of counts >= 1, got {self.grid}")
-        unknown = sorted(set(self.conditions) - set(SHAPE_CONDITIONS))
-        if unknown or not self.conditions:
-            raise ConfigError(f"unknown conditions {unknown}; choose from "
-                              f"{list(SHAPE_CONDITIONS)}")
+        check_conditions(self.conditions, ALL_SHAPE_CONDITIONS)
         for name in ("base_samples", "base_val", "discovery_samples", "n_val", "n_test",
                      "n_eval"):
             if getattr(self, name) < 1:
@@ -203,7 +213,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         "resnet": {"embedding_size": 16, "hidden_sizes": [16, 32, 64], "depths": [1, 1, 1]},
         "vit": {"patch_size": 8, "hidden_size": 64, "num_hidden_layers": 4,
                 "num_attention_heads": 4, "intermediate_size": 128},
-        "seeds": 2,
+        "replicates": 4,
+        "seeds": 1,
         "base_samples": 4000,
         "base_val": 500,
         "base_fit": {"epochs": 30, "batch_size": 64, "lr": 2e-3, "weight_decay": 0.01,
@@ -229,210 +240,6 @@ def load_config(preset: str | None = "paper", file_values: dict | None = None,
                           "shapebias config")
 
 
-# -- augmentation -----------------------------------------------------------------------------
-_PERMUTATIONS = torch.tensor([[0, 1, 2], [0, 2, 1], [1, 0, 2], [1, 2, 0], [2, 0, 1], [2, 1, 0]])
-_LUMA = torch.tensor([0.299, 0.587, 0.114])
-
-
-def shape_preserving_augment(images: Tensor, generator: torch.Generator,
-                             cfg: AugmentConfig) -> Tensor:
-    """Per-image random colour permutation/inversion/grayscale, blur and noise of a batch
-    [n, 3, S, S] in [0, 1]; pixel positions never move, so the silhouette is kept."""
-    n, dev = images.shape[0], images.device
-
-    def rand(*shape: int) -> Tensor:
-        return torch.rand(*shape, generator=generator).to(dev)
-
-    x = images
-    if cfg.grayscale > 0:  # first: the original colours' brightness contrast survives it
-        gray = (x * _LUMA.to(dev)[None, :, None, None]).sum(1, keepdim=True).expand_as(x)
-        x = torch.where((rand(n) < cfg.grayscale)[:, None, None, None], gray, x)
-    if cfg.permute:
-        perm = _PERMUTATIONS[torch.randint(0, 6, (n,), generator=generator)].to(dev)
-        x = torch.gather(x, 1, perm[:, :, None, None].expand_as(x))
-    if cfg.invert > 0:  # keeps every channel's |object - background| contrast
-        x = torch.where((rand(n, 3) < cfg.invert)[:, :, None, None], 1 - x, x)
-    if cfg.blur > 0:
-        blurred = F.avg_pool2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
-        x = torch.where((rand(n) < cfg.blur)[:, None, None, None], blurred, x)
-    if cfg.noise > 0:
-        x = x + torch.randn(x.shape, generator=generator).to(dev) * cfg.noise
-    return x.clamp(0.0, 1.0)
-
-
-# -- the task -------------------------------------------------------------------------------
-class ImageTask:
-    """Cross-entropy on (images, labels) batches; accuracy and shape bias of a model."""
-
-    def __init__(self, augment: AugmentConfig, batch_size: int = 500) -> None:
-        self.augment_cfg, self.batch_size = augment, batch_size
-
-    @staticmethod
-    def normalize(images: Tensor) -> Tensor:
-        return (images - 0.5) / 0.25
-
-    def loss(self, model: nn.Module, batch: Sequence[Tensor]) -> Tensor:
-        images, labels = batch
-        return F.cross_entropy(logits_of(model(pixel_values=self.normalize(images))).float(),
-                               labels)
-
-    def augmented_loss(self, seed: int) -> Callable[[nn.Module, Sequence[Tensor]], Tensor]:
-        """The loss on shape-preserving augmentations of each batch (a seeded stream)."""
-        generator = torch.Generator().manual_seed(seed)
-
-        def loss(model: nn.Module, batch: Sequence[Tensor]) -> Tensor:
-            images, labels = batch
-            return self.loss(model, (shape_preserving_augment(images, generator,
-                                                              self.augment_cfg), labels))
-
-        return loss
-
-    @torch.no_grad()
-    def predict(self, model: nn.Module, images: Tensor) -> Tensor:
-        model.eval()
-        device = next(model.parameters()).device
-        outs = [logits_of(model(pixel_values=self.normalize(chunk.to(device)))).argmax(-1).cpu()
-                for chunk in images.split(self.batch_size)]
-        return torch.cat(outs)
-
-    def accuracy(self, model: nn.Module, data: ImageSet) -> float:
-        return (self.predict(model, data.images) == data.labels).float().mean().item()
-
-    def shape_bias(self, model: nn.Module, data: ImageSet) -> dict[str, Any]:
-        return shape_bias(self.predict(model, data.images), data.shapes, data.textures)
-
-
-# -- data ---------------------------------------------------------------------------------------
-@dataclass
-class ShapeBiasData:
-    """Every image set a run uses. `pool(seed)` is the downstream natural set of one seed (its
-    first n images train the cell of size n)."""
-
-    class_names: list[str]
-    base_train: ImageSet
-    base_val: ImageSet
-    val: ImageSet
-    test: ImageSet
-    shape_train: ImageSet
-    shape_eval: ImageSet
-    cue_conflict: ImageSet
-    pool: Callable[[int], ImageSet]
-    pool_size: int
-    sources: dict[str, str]
-
-    def describe(self) -> dict[str, Any]:
-        sets = ("base_train", "base_val", "val", "test", "shape_train", "shape_eval",
-                "cue_conflict")
-        return {"classes": self.class_names, "sources": self.sources,
-                "sizes": {s: len(getattr(self, s)) for s in sets} | {"pool": self.pool_size}}
-
-
-_DATA_OFFSETS = {"base_train": 1, "base_val": 2, "val": 3, "test": 4, "shape_train": 5,
-                 "shape_eval": 6, "cue_conflict": 7, "pool": 100}
-
-
-def _data_seed(cfg: ShapeBiasConfig, kind: str, extra: int = 0) -> int:
-    return cfg.seed * 1_000_003 + _DATA_OFFSETS[kind] + extra
-
-
-def _split_folder(data: ImageSet, fraction: float, seed: int) -> tuple[ImageSet, ImageSet]:
-    """(held-out part, rest) by a seeded permutation; each part keeps at least one image."""
-    if len(data) < 2:
-        raise ConfigError(f"the folder for {data.split!r} has {len(data)} image(s); it needs "
-                          "at least 2 to hold some out for evaluation")
-    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))
-    k = min(max(1, round(fraction * len(data))), len(data) - 1)
-    return data.subset(order[:k]), data.subset(order[k:])
-
-
-def check_dirs(cfg: ShapeBiasConfig) -> None:
-    """Fail fast, before any training, on a real-data folder that is not there."""
-    for name in ("train_dir", "shape_dir", "cue_conflict_dir"):
-        value = getattr(cfg, name)
-        if value is None:
-            continue
-        if not Path(value).exists():
-            raise ConfigError(f"--{name.replace('_', '-')} {value!r} does not exist")
-        if not Path(value).is_dir():
-            raise ConfigError(f"--{name.replace('_', '-')} {value!r} is not a directory")
-
-
-def load_data(cfg: ShapeBiasConfig) -> ShapeBiasData:
-    """Generate (or read from the real folders given in the config) every image set."""
-    check_dirs(cfg)
-    world = cfg.world
-    sources: dict[str, str] = {}
-    gen: Callable[[str, int, str], ImageSet] = \
-        lambda split, n, kind: make_split(world, split, n, _data_seed(cfg, kind))  # noqa: E731
-
-    if cfg.train_dir is not None:
-        everything = load_image_folder(cfg.train_dir, cfg.size)
-        names = everything.class_names
-        held, rest = _split_folder(everything, cfg.holdout, _data_seed(cfg, "val"))
-        if len(held) < 2:
-            raise ConfigError(f"--train-dir {cfg.train_dir!r} has too few images to hold out a "
-                              f"validation and a test set (holdout {cfg.holdout})")
-        half = len(held) // 2
-        val, test = held.subset(range(half)), held.subset(range(half, len(held)))
-        base_train, base_val, pool_all = rest, val, rest
-        sources["natural"] = str(cfg.train_dir)
-
-        def pool(seed: int) -> ImageSet:
-            gen_ = torch.Generator().manual_seed(_data_seed(cfg, "pool", seed))
-            return pool_all.subset(torch.randperm(len(pool_all), generator=gen_))
-
-        pool_size = len(pool_all)
-    else:
-        names = world.shape_names
-        base_train = gen("natural", cfg.base_samples, "base_train")
-        base_val = gen("natural", cfg.base_val, "base_val")
-        val, test = gen("natural", cfg.n_val, "val"), gen("natural", cfg.n_test, "test")
-        pool_size = max(cfg.grid)
-        sources["natural"] = f"generated ShapeWorld(classes={cfg.classes}, size={cfg.size}, " \
-                             f"rho={cfg.rho})"
-
-        cache: dict[int, ImageSet] = {}
-
-        def pool(seed: int) -> ImageSet:  # cells of one seed run in a row: keep the last one
-            if seed not in cache:
-                cache.clear()
-                cache[seed] = make_split(world, "natural", pool_size,
-                                         _data_seed(cfg, "pool", seed))
-            return cache[seed]
-
-    def need_world(what: str, option: str) -> None:
-        if names != world.shape_names:
-            raise ConfigError(
-                f"--train-dir's classes {names[:6]} are not the generated world's "
-                f"{world.shape_names[:6]}, so the generated {what} images cannot be used with "
-                f"them: give {option} (shape-only images can be made with `instill meanpool "
-                "TRAIN_DIR OUT_DIR`)")
-
-    if cfg.shape_dir is not None:
-        shapes = load_image_folder(cfg.shape_dir, cfg.size, class_names=names)
-        shape_eval, shape_train = _split_folder(shapes, cfg.holdout,
-                                                _data_seed(cfg, "shape_eval"))
-        sources["shape_only"] = str(cfg.shape_dir)
-    else:
-        need_world("shape-only", "--shape-dir")
-        shape_train = gen("shape_only", cfg.discovery_samples, "shape_train")
-        shape_eval = gen("shape_only", cfg.n_eval, "shape_eval")
-        sources["shape_only"] = "generated"
-    if cfg.cue_conflict_dir is not None:
-        cue = load_cue_conflict_folder(cfg.cue_conflict_dir, cfg.size, class_names=names)
-        sources["cue_conflict"] = str(cfg.cue_conflict_dir)
-    else:
-        need_world("cue-conflict", "--cue-conflict-dir")
-        cue = gen("cue_conflict", cfg.n_eval, "cue_conflict")
-        sources["cue_conflict"] = "generated"
-    if max(cfg.grid) > pool_size:
-        raise ConfigError(f"the grid asks for {max(cfg.grid)} downstream images but only "
-                          f"{pool_size} are available from --train-dir after holding out "
-                          f"{len(val) + len(test)}; lower --grid")
-    return ShapeBiasData(list(names), base_train, base_val, val, test, shape_train, shape_eval,
-                         cue, pool, pool_size, sources)
-
-
 def capped_complement(sub: Subnetwork, generator: torch.Generator) -> tuple[Subnetwork, str]:
     """`sub.sample_complement`, except that a layer where the subnetwork keeps more than half
     gets every weight outside it (fewer than the subnetwork keeps there). Returns the mask and
@@ -455,12 +262,19 @@ def capped_complement(sub: Subnetwork, generator: torch.Generator) -> tuple[Subn
 
 # -- phases -----------------------------------------------------------------------------------
 class ShapeBiasRun:
-    """One run directory: each phase reads what earlier phases wrote, and skips finished work."""
+    """One run directory: each phase reads what earlier phases wrote, and skips finished work.
 
-    def __init__(self, cfg: ShapeBiasConfig, out: str | Path, log=print,
-                 device: str = "cpu") -> None:
+    Layout: `pipelines/r{r}/a{i}/` holds attempt i of replicate r (its base model, subnetwork,
+    verification and, with `random_subnet`, the random-init control; `attempts.json` beside it
+    records every attempt's gates), and `cells/r{r}-n{n}-s{s}.json` the induction cells of the
+    chosen attempt.
+    """
+
+    def __init__(self, cfg: ShapeBiasConfig, out: str | Path, log=print, device: str = "cpu",
+                 threads: int = 1, workers: int = 1) -> None:
         check_dirs(cfg)  # before the output directory is made
         self.cfg, self.log, self.device = cfg, log, torch.device(device)
+        self.threads, self.workers = threads, workers
         self.run = RunDir(out)
         self.task = ImageTask(cfg.augment)
         self._data: ShapeBiasData | None = None
@@ -470,6 +284,9 @@ class ShapeBiasRun:
         if self._data is None:
             self._data = load_data(self.cfg)
         return self._data
+
+    def seed(self, *parts: str | int) -> int:
+        return derive_seed(self.cfg.seed, *parts)
 
     def tensors(self, data: ImageSet) -> list[Tensor]:
         return [data.images.to(self.device), data.labels.to(self.device)]
@@ -490,6 +307,12 @@ class ShapeBiasRun:
                                 layer_type=spec.layer_type)
         return model.to(self.device)
 
+    def load(self, name: str) -> nn.Module:
+        """A model saved in the run directory."""
+        model = self.build()
+        load_model(self.run.path(name), model)
+        return model.eval()
+
     def evaluate(self, model: nn.Module) -> dict[str, Any]:
         """Held-out natural accuracy, shape_only accuracy, shape bias on cue-conflict images."""
         bias = self.task.shape_bias(model, self.data.cue_conflict)
@@ -499,162 +322,275 @@ class ShapeBiasRun:
                 "texture_hits": bias["texture_hits"], "other": bias["other"],
                 "cue_conflict_n": bias["n"]}
 
+    @property
+    def kinds(self) -> tuple[str, ...]:
+        """The models a pipeline discovers a subnetwork in: the trained base model, and a
+        random-init one for the `random_subnet` control."""
+        return ("trained", "random_init") if "random_subnet" in self.cfg.conditions \
+            else ("trained",)
+
     def prepare(self) -> None:
         """Check the config against an earlier run in the same directory; record it."""
         self.run.begin(to_dict(self.cfg), self.cfg.seed, self.log)
 
-    def base_model(self) -> nn.Module:
-        """Phase 1: train (or load) the base model on natural images."""
-        path = self.run.path("base/model.safetensors")
-        if path.exists():
-            model = self.build()
-            load_model(path, model)
-            return model.eval()
-        seed = self.cfg.seed * 1000 + 1
+    # -- one attempt of one pipeline: base model, subnetwork, verification, gates --------------
+    def base_phase(self, replicate: int, attempt: int) -> dict[str, Any]:
+        """Phase 1: train the base model of this attempt on natural images unless its files
+        exist; its record."""
+        where = _attempt_dir(replicate, attempt)
+        if self.run.exists(f"{where}/base.json") and self.run.exists(f"{where}/base.safetensors"):
+            return json.loads(self.run.path(f"{where}/base.json").read_text())
+        seed = self.seed("base", replicate, attempt)
         torch.manual_seed(seed)
         model = self.build()
         val = self.data.base_val
         start = time.perf_counter()
         result = fit(model, self.tensors(self.data.base_train), self.task.loss, self.cfg.base_fit,
-                     seed=seed, evaluate=lambda m: self.task.accuracy(m, val), desc="base")
-        info = {"arch": self.cfg.arch, "val_accuracy": result.best_score,
-                "best_epoch": result.best_epoch, "seconds": time.perf_counter() - start,
+                     seed=seed, evaluate=lambda m: self.task.accuracy(m, val),
+                     desc=f"base r{replicate}")
+        info = {"arch": self.cfg.arch, "replicate": replicate, "attempt": attempt, "seed": seed,
+                "val_accuracy": result.best_score, "best_epoch": result.best_epoch,
+                "seconds": time.perf_counter() - start,
                 "parameters": sum(p.numel() for p in model.parameters()),
                 **self.evaluate(model), "history": result.history}
-        write_json(self.run.path("base/model.json"), info)
-        save_model(path, model, {"arch": self.cfg.arch})
-        self.log(f"base {self.cfg.arch}: natural accuracy {info['natural_accuracy']:.3f}, "
+        save_model(self.run.path(f"{where}/base.safetensors"), model, {"arch": self.cfg.arch})
+        write_json(self.run.path(f"{where}/base.json"), info)
+        self.log(f"base r{replicate} a{attempt}: natural accuracy {info['natural_accuracy']:.3f}, "
                  f"shape_only {info['shape_only_accuracy']:.3f}, shape bias "
                  f"{_fmt(info['shape_bias'])} (epoch {result.best_epoch})")
-        return model
+        return info
 
-    def random_model(self, trained: nn.Module) -> nn.Module:
-        """A randomly initialized model of the same architecture (saved for the record)."""
-        path = self.run.path("base/random_init.safetensors")
-        model = fresh_init(trained, self.cfg.seed * 1000 + 2)
-        if path.exists():
-            load_model(path, model)
-        else:
-            save_model(path, model, {"arch": self.cfg.arch, "note": "random init"})
-        return model.eval()
+    def model(self, replicate: int, attempt: int, kind: str) -> nn.Module:
+        """The `trained` base model, or the `random_init` one of the same architecture (drawn
+        and saved the first time it is asked for)."""
+        name = f"{_attempt_dir(replicate, attempt)}/{'base' if kind == 'trained' else kind}" \
+               ".safetensors"
+        if kind == "random_init" and not self.run.exists(name):
+            model = fresh_init(self.model(replicate, attempt, "trained"),
+                               self.seed("random_init", replicate, attempt))
+            save_model(self.run.path(name), model, {"arch": self.cfg.arch, "note": "random init"})
+        return self.load(name)
 
-    def subnetwork(self, kind: str, model: nn.Module) -> Subnetwork:
+    def subnetwork(self, replicate: int, attempt: int, kind: str, model: nn.Module) -> Subnetwork:
         """Phase 2: discover (or load) the shape subnetwork of the `trained` or `random_init`
-        model on shape_only images (the same settings for both)."""
-        path = self.run.path(f"subnetworks/{kind}.safetensors")
-        if path.exists():
-            return Subnetwork.load(path)
-        seed = self.cfg.seed * 1000 + 500
-        start = time.perf_counter()
-        sub, history = discover(model, self.tensors(self.data.shape_train), self.task.loss,
-                                self.cfg.discovery, seed=seed, desc=f"discover {kind}")
-        write_json(self.run.path(f"subnetworks/{kind}.json"),
-                   {"history": history, "seconds": time.perf_counter() - start})
-        sub = Subnetwork(sub.masks, sub.fingerprint,
-                         {**sub.metadata, "subtask": "shape_only", "source": kind,
-                          "arch": self.cfg.arch})
-        sub.save(path)
-        self.log(f"subnetwork ({kind}): density {sub.density():.4f} ({sub.kept()} weights)")
-        # Read it back: the file's mask order (which seeded random controls consume) is then the
-        # same in this run and in a resumed one.
-        return Subnetwork.load(path)
+        model on shape_only images (the same settings and seed for both)."""
+        path = self.run.path(f"{_attempt_dir(replicate, attempt)}/{_prefix(kind)}subnetwork"
+                             ".safetensors")
+        if not path.exists():
+            seed, start = self.seed("discovery", replicate, attempt), time.perf_counter()
+            sub, history = discover(model, self.tensors(self.data.shape_train), self.task.loss,
+                                    self.cfg.discovery, seed=seed,
+                                    desc=f"discover {kind} r{replicate}")
+            write_json(path.with_suffix(".json"),
+                       {"history": history, "seconds": time.perf_counter() - start})
+            Subnetwork(sub.masks, sub.fingerprint,
+                       {**sub.metadata, "subtask": "shape_only", "source": kind,
+                        "arch": self.cfg.arch}).save(path)
+            self.log(f"subnetwork ({kind}) r{replicate} a{attempt}: density "
+                     f"{sub.density():.4f} ({sub.kept()} weights)")
+        # Read it back even when just written: the file's mask order (which seeded random
+        # controls consume) is then the same in this run and in a resumed one.
+        sub = Subnetwork.load(path)
+        sub.check_model(model)
+        return sub
 
-    def verify(self, model: nn.Module, sub: Subnetwork) -> dict[str, Any]:
+    def verify(self, replicate: int, attempt: int, kind: str, model: nn.Module,
+               sub: Subnetwork) -> dict[str, Any]:
         """The subnetwork alone, ablated, and a same-size random ablation."""
+        name = f"{_attempt_dir(replicate, attempt)}/{_prefix(kind)}verify.json"
+        if self.run.exists(name):
+            return json.loads(self.run.path(name).read_text())
         metrics = {
             "shape_only": lambda m: self.task.accuracy(m, self.data.shape_eval),
             "natural": lambda m: self.task.accuracy(m, self.data.test),
             "shape_bias": lambda m: self.task.shape_bias(m, self.data.cue_conflict)["shape_bias"],
         }
-        return verify_subnetwork(model, sub, metrics, self.cfg.seed * 1000 + 700)
+        result = verify_subnetwork(model, sub, metrics, self.seed("verify", replicate, attempt))
+        write_json(self.run.path(name), result)
+        return result
 
-    def cell(self, n: int, seed: int, models: dict[str, tuple[nn.Module, Subnetwork | None]]
-             ) -> list[dict[str, Any]]:
-        """Phase 3 unit of work: every condition trained on the same n natural images."""
-        path = self.run.path(f"cells/n{n}-s{seed}.json")
+    def attempt(self, replicate: int, attempt: int) -> list[Gate]:
+        """One attempt of a pipeline, up to the first gate it fails."""
+        gates = self.cfg.gates
+        base = self.base_phase(replicate, attempt)
+        bias = base["shape_bias"]
+        checks = [
+            Gate("base natural accuracy", base["natural_accuracy"], gates.natural_accuracy,
+                 "the base model did not learn its task on held-out natural images: train "
+                 "longer (base_fit.epochs), on more images (base_samples) or with another lr"),
+            Gate("base texture bias", 0.0 if bias is None else 1 - bias, gates.texture_bias,
+                 "the base model is not texture-biased on cue-conflict images (1 - shape bias; "
+                 "0 when no prediction matched either cue), so there is no shape bias to "
+                 "instill: raise rho (texture a better shortcut) or lower gates.texture_bias")]
+        if failed(checks):
+            return checks
+        model = self.model(replicate, attempt, "trained")
+        sub = self.subnetwork(replicate, attempt, "trained", model)
+        acc = self.verify(replicate, attempt, "trained", model, sub)["accuracy"]
+        alone = acc["subnetwork only"]["shape_only"]
+        margin = (acc["random same-size ablated"]["shape_only"]
+                  - acc["subnetwork ablated"]["shape_only"])
+        fix = ("discovery did not find a shape subnetwork: train the masks longer "
+               "(discovery.epochs), with another lr or l0_lambda, or on more shape_only images "
+               "(discovery_samples)")
+        return [*checks,
+                Gate("subnetwork alone on shape_only", alone, gates.subnetwork_accuracy, fix),
+                Gate("ablation specificity", margin, gates.ablation_margin, fix)]
+
+    def pipeline(self, replicate: int) -> dict[str, Any]:
+        """Attempts of one replicate until its gates pass (`pipeline.run_attempts`), then what
+        the cells need of the chosen one: its subnetwork and verification (not yet there when
+        gates are overridden after an early failure) and the random-init control."""
+        chosen = run_attempts(self.run, _pipeline_dir(replicate),
+                              lambda i: self.attempt(replicate, i), self.cfg.gates, self.log)
+        for kind in self.kinds:
+            model = self.model(replicate, chosen["attempt"], kind)
+            self.verify(replicate, chosen["attempt"], kind, model,
+                        self.subnetwork(replicate, chosen["attempt"], kind, model))
+        return chosen
+
+    # -- induction ------------------------------------------------------------------------------
+    def start(self, condition: str, replicate: int, attempt: int, trained: nn.Module,
+              sub: Subnetwork, seed: int) -> tuple[nn.Module, LossFn, str | None]:
+        """A condition's starting model and loss, and a note when its mask had to be capped."""
+        freeze, loss = self.cfg.freeze, self.task.loss
+        if condition == "random_aug":
+            model = starting_model("random", trained, sub, seed)
+            return model, self.task.augmented_loss(seed), None
+        if condition == "random_subnet":
+            random = self.model(replicate, attempt, "random_init")
+            random_sub = self.subnetwork(replicate, attempt, "random_init", random)
+            return starting_model("subnet", random, random_sub, seed, freeze=freeze), loss, None
+        try:
+            return starting_model(condition, trained, sub, seed, freeze=freeze), loss, None
+        except InstillError as err:
+            if not condition.startswith("complement"):
+                raise
+            # More than half of some layer is in the subnetwork: no same-size complement.
+            capped, note = capped_complement(sub, torch.Generator().manual_seed(seed))
+            self.log(f"note: {err}; the complement keeps every weight outside the subnetwork "
+                     f"there ({note})")
+            model = transplant(trained, capped, freeze=freeze,
+                               keep_unmasked=condition == "complement", seed=seed)
+            return model, loss, note
+
+    def cell(self, replicate: int, attempt: int, n: int, seed: int) -> dict[str, Any]:
+        """Phase 3 unit of work: every condition trained on the same n natural images; its rows
+        and notes."""
+        path = self.run.path(f"cells/r{replicate}-n{n}-s{seed}.json")
         if path.exists():
-            return json.loads(path.read_text())["rows"]
-        train = self.tensors(self.data.pool(seed).subset(range(n)))
+            return json.loads(path.read_text())
+        trained = self.model(replicate, attempt, "trained")
+        sub = self.subnetwork(replicate, attempt, "trained", trained)
+        train = self.tensors(self.data.pool(replicate, seed).subset(range(n)))
         val = self.data.val
-        run_seed = (self.cfg.seed + seed) * 100_003 + n
+        run_seed = self.seed("cell", replicate, n, seed)
         epochs = self.cfg.epochs_for(n)
         fit_cfg = FitConfig(**{**to_dict(self.cfg.induction_fit), "epochs": epochs})
-        trained, sub = models["trained"]
         rows, notes = [], {}
         for condition in self.cfg.conditions:
-            loss = self.task.loss
-            try:
-                if condition == "random_aug":
-                    model = starting_model("random", trained, sub, run_seed)
-                    loss = self.task.augmented_loss(run_seed)
-                elif condition == "random_subnet":
-                    random_model, random_sub = models["random_init"]
-                    model = starting_model("subnet", random_model, random_sub, run_seed,
-                                           freeze=self.cfg.freeze,
-                                           keep_unmasked=self.cfg.keep_unmasked)
-                else:
-                    model = starting_model(condition, trained, sub, run_seed,
-                                           freeze=self.cfg.freeze,
-                                           keep_unmasked=self.cfg.keep_unmasked)
-            except InstillError as err:
-                if condition != "complement":
-                    raise
-                # More than half of some layer is in the subnetwork: no same-size complement.
-                capped, notes[condition] = capped_complement(
-                    sub, torch.Generator().manual_seed(run_seed))
-                model = transplant(trained, capped, freeze=self.cfg.freeze,
-                                   keep_unmasked=self.cfg.keep_unmasked, seed=run_seed)
-                self.log(f"note: {err}; the complement keeps every weight outside the "
-                         f"subnetwork there ({notes[condition]})")
+            torch.manual_seed(run_seed)  # dropout: the same draws in a fresh or resumed run
+            model, loss, note = self.start(condition, replicate, attempt, trained, sub, run_seed)
+            if note:
+                notes[condition] = note
             start = time.perf_counter()
             result = fit(model, train, loss, fit_cfg, seed=run_seed,
                          evaluate=lambda m: self.task.accuracy(m, val),
-                         desc=f"{condition} n={n} s{seed}")
-            rows.append({"arch": self.cfg.arch, "n": n, "seed": seed, "condition": condition,
-                         **self.evaluate(model), "val_accuracy": result.best_score,
-                         "best_epoch": result.best_epoch, "epochs": epochs,
-                         "seconds": time.perf_counter() - start})
-        write_json(path, {"rows": rows, "notes": notes})
-        return rows
+                         desc=f"{condition} r{replicate} n={n} s{seed}")
+            rows.append({"arch": self.cfg.arch, "replicate": replicate, "n": n, "seed": seed,
+                         "condition": condition, **self.evaluate(model),
+                         "val_accuracy": result.best_score, "best_epoch": result.best_epoch,
+                         "epochs": epochs, "seconds": time.perf_counter() - start})
+        record = {"rows": rows, "notes": notes}
+        write_json(path, record)
+        return record
+
+    def cost(self, n: int) -> float:
+        """A cell's relative cost: its epochs over n training and n_val validation images (a
+        training step costs about three forward passes)."""
+        return self.cfg.epochs_for(n) * (3 * n + self.cfg.n_val)
 
     def execute(self) -> dict[str, Any]:
         """Run every phase (resuming finished work) and write the report."""
-        from instill.experiments.shapebias_report import write_report
-
         self.prepare()
-        trained = self.base_model()
-        sub = self.subnetwork("trained", trained)
-        models: dict[str, tuple[nn.Module, Subnetwork | None]] = {"trained": (trained, sub)}
-        verify = {"trained": self.verify(trained, sub)}
-        if "random_subnet" in self.cfg.conditions:
-            random_model = self.random_model(trained)
-            random_sub = self.subnetwork("random_init", random_model)
-            models["random_init"] = (random_model, random_sub)
-            verify["random_init"] = self.verify(random_model, random_sub)
+        cfg, units = self.cfg, list(range(self.cfg.replicates))
+        chosen = dict(zip(units, self._map("pipeline", [(r,) for r in units], "pipelines"),
+                          strict=True))
+        cells = [(r, chosen[r]["attempt"], n, s) for r in units for s in range(cfg.seeds)
+                 for n in cfg.grid]
+        records = self._map("cell", cells, "induction", cost=lambda job: self.cost(job[5][2]))
+        rows = [row for record in records for row in record["rows"]]
+        notes = {f"r{c[0]} {k}": v for c, record in zip(cells, records, strict=True)
+                 for k, v in record["notes"].items()}
+        dirs = {f"r{r}": _attempt_dir(r, chosen[r]["attempt"]) for r in units}
+        verify = {u: {k: self._json(f"{d}/{_prefix(k)}verify.json") for k in self.kinds}
+                  for u, d in dirs.items()}
+        bases = {u: self._json(f"{d}/base.json") for u, d in dirs.items()}
         write_json(self.run.path("verify.json"), verify)
-        rows = []
-        cells = [(n, s) for s in range(self.cfg.seeds) for n in self.cfg.grid]
-        for n, seed in tqdm(cells, desc="induction", disable=None):
-            rows += self.cell(n, seed, models)
-        base = json.loads(self.run.path("base/model.json").read_text())
-        return write_report(self.run, self.cfg, rows, verify, base, self.data)
+        outputs = [f"{d}/{p.name}" for d in dirs.values()
+                   for p in sorted(self.run.path(d).iterdir())]
+        outputs += [f"{_pipeline_dir(r)}/attempts.json" for r in units]
+        outputs += [f"cells/r{r}-n{n}-s{s}.json" for r, _, n, s in cells]
+        self.run.record_outputs(outputs)
+        return write_report(self.run, cfg, rows, verify, bases,
+                            {f"r{r}": c for r, c in chosen.items()}, self.data, notes,
+                            to_dict(ShapeBiasConfig()), to_dict(cfg))
+
+    def _json(self, name: str) -> Any:
+        return json.loads(self.run.path(name).read_text())
+
+    def _map(self, kind: str, units: list[tuple], desc: str, cost=None) -> list[Any]:
+        """Run pipeline or cell jobs here (one worker) or in worker processes."""
+        jobs = [(to_dict(self.cfg), str(self.run.root), self.threads, str(self.device), kind,
+                 unit) for unit in units]
+        if self.workers > 1:
+            return map_cells(_worker, jobs, self.workers, desc, cost=cost)
+        return map_cells(lambda job: _do(self, job[4], job[5]), jobs, 1, desc)
+
+
+def _pipeline_dir(replicate: int) -> str:
+    return f"pipelines/r{replicate}"
+
+
+def _attempt_dir(replicate: int, attempt: int) -> str:
+    return f"{_pipeline_dir(replicate)}/a{attempt}"
+
+
+def _prefix(kind: str) -> str:
+    """File-name prefix of a subnetwork's files: none for the trained model's."""
+    return "" if kind == "trained" else f"{kind}_"
 
 
 def _fmt(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.3f}"
 
 
+def _do(run: ShapeBiasRun, kind: str, unit: tuple) -> Any:
+    return run.pipeline(*unit) if kind == "pipeline" else run.cell(*unit)
+
+
+def _worker(job: tuple) -> Any:
+    """A pipeline or an induction cell in a worker process (it reads what earlier phases
+    wrote to the run directory)."""
+    config, out, threads, device, kind, unit = job
+    torch.set_num_threads(threads)
+    run = ShapeBiasRun(from_dict(ShapeBiasConfig, config), out, log=lambda _: None,
+                       device=device)
+    return _do(run, kind, unit)
+
+
 def run_shapebias(cfg: ShapeBiasConfig, out: str | Path, log=print, threads: int = 1,
-                  device: str = "cpu") -> dict[str, Any]:
+                  device: str = "cpu", workers: int = 1) -> dict[str, Any]:
     """Run the whole experiment into `out`; returns the summary.
 
-    `threads` sets torch's intra-op threads: these models are small, and one thread per process
-    is fastest on a busy CPU (more threads spin against each other).
+    `threads` sets torch's intra-op threads per process: these models are small, and one thread
+    is fastest on a busy CPU (more threads spin against each other). `workers` processes run
+    pipelines and induction cells side by side on `device`; results do not depend on either.
     """
     torch.set_num_threads(threads)
-    return ShapeBiasRun(cfg, out, log, device).execute()
+    return ShapeBiasRun(cfg, out, log, device, threads, workers).execute()
 
 
-__all__ = ["PRESETS", "SHAPE_CONDITIONS", "AugmentConfig", "ImageTask", "ShapeBiasConfig",
-           "ShapeBiasData", "ShapeBiasRun", "load_config", "load_data", "run_shapebias",
-           "shape_preserving_augment"]
+__all__ = ["ALL_SHAPE_CONDITIONS", "PRESETS", "SHAPE_CONDITIONS", "AugmentConfig", "ImageTask",
+           "ShapeBiasConfig", "ShapeBiasData", "ShapeBiasGates", "ShapeBiasRun", "load_config",
+           "load_data", "run_shapebias"]

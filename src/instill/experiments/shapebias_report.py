@@ -1,40 +1,47 @@
-"""Tables, summary, plots, example grids and report.md of a shape-bias run."""
+"""Tables, statistics, plots, example grids and report.md of a shape-bias run.
+
+The unit of replication is the replicate pipeline (its own base model and subnetworks): within
+a pipeline each metric is averaged over the downstream seeds, then over the grid. Per
+condition: 95% bootstrap intervals over pipelines; Subtask Induction against every other
+condition as paired differences (same pipeline, same images) with a paired t-test,
+Holm-corrected within each metric (shape bias, natural accuracy).
+"""
 
 from __future__ import annotations
 
 import csv
 import io
 import statistics
+import textwrap
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from instill.runio import RunDir, atomic_path, atomic_write_text, to_dict, write_json
+from instill import stats
+from instill.experiments.common import CONDITIONS
+from instill.runio import RunDir, atomic_path, atomic_write_text, write_json
+from instill.tasks.shape_task import shape_preserving_augment
+from instill.tasks.shapes import preview_grid
 
-LABELS = {"subnet": "Subtask Induction", "sampled": "sampled subnetwork",
-          "complement": "complement subnetwork", "full": "full model transfer",
-          "random": "random init", "random_aug": "random init + shape-preserving aug",
+OURS = "subnet"
+LABELS = {**{name: c.label for name, c in CONDITIONS.items()},
+          "random_aug": "random init + shape-preserving aug",
           "random_subnet": "subnetwork of a random-init model"}
-
-TICKS = {"subnet": "Subtask\nInduction", "sampled": "sampled\nsubnetwork",
-         "complement": "complement\nsubnetwork", "full": "full model\ntransfer",
-         "random": "random\ninit", "random_aug": "random init\n+ shape aug",
-         "random_subnet": "random-init\nsubnetwork"}
+SHORT = {"random_aug": "random init + shape aug", "random_subnet": "random-init subnetwork"}
 
 #: Shape-bias anchors of Geirhos et al. (2019), drawn as reference lines.
 ANCHORS = {"ImageNet ResNet-50": 0.22, "Stylized-ImageNet ResNet-50": 0.81, "humans": 0.96}
 
 METRICS = ("shape_bias", "natural_accuracy", "shape_only_accuracy")
-CSV_KEYS = ["arch", "n", "seed", "condition", "shape_bias", "natural_accuracy",
+COMPARED = ("shape_bias", "natural_accuracy")  # each its own family of paired comparisons
+VERIFIED = ("full model", "subnetwork only", "subnetwork ablated", "random same-size ablated")
+SAID = {"better": "higher than", "worse": "lower than",
+        "indistinguishable": "indistinguishable at this power from"}
+CSV_KEYS = ["arch", "replicate", "n", "seed", "condition", "shape_bias", "natural_accuracy",
             "shape_only_accuracy", "shape_hits", "texture_hits", "other", "cue_conflict_n",
             "val_accuracy", "best_epoch", "epochs"]  # wall times stay in cells/*.json
-
-
-def _mean(values: list[float | None]) -> float | None:
-    kept = [v for v in values if v is not None]
-    return statistics.fmean(kept) if kept else None
 
 
 def _conditions(cfg, rows: list[dict]) -> list[str]:
@@ -43,80 +50,126 @@ def _conditions(cfg, rows: list[dict]) -> list[str]:
     return [c for c in cfg.conditions if c in present]
 
 
-def summarize(cfg, rows: list[dict], verify: dict, base: dict, data_info: dict,
-              notes: dict[str, str] | None = None) -> dict[str, Any]:
-    """summary.json: each metric per condition, mean over seeds, per n and over the grid."""
-    groups: dict[tuple[str, int], list[dict]] = defaultdict(list)
+def unit_means(rows: list[dict], metric: str) -> dict[str, dict[str, dict[int, float]]]:
+    """condition -> pipeline ("r0") -> n -> mean of `metric` over the downstream seeds; a None
+    (no cue-conflict prediction matched either cue) is left out."""
+    groups: dict[tuple[str, str, int], list[float]] = defaultdict(list)
     for row in rows:
-        groups[row["condition"], row["n"]].append(row)
-    by_condition: dict[str, Any] = {}
-    for condition in _conditions(cfg, rows):
-        mine = [r for r in rows if r["condition"] == condition]
-        per_n = {}
-        for n in sorted({r["n"] for r in mine}):
-            group = groups[condition, n]
-            per_n[str(n)] = {m: _mean([r[m] for r in group]) for m in METRICS}
-            per_n[str(n)]["seeds"] = len(group)
-            biases = [r["shape_bias"] for r in group if r["shape_bias"] is not None]
-            per_n[str(n)]["shape_bias_range"] = [min(biases), max(biases)] if biases else None
-        by_condition[condition] = {
-            **{m: _mean([per_n[k][m] for k in per_n]) for m in METRICS}, "per_n": per_n}
+        if row[metric] is not None:
+            groups[row["condition"], f"r{row['replicate']}", row["n"]].append(row[metric])
+    out: dict[str, dict[str, dict[int, float]]] = defaultdict(lambda: defaultdict(dict))
+    for (condition, unit, n), values in sorted(groups.items()):
+        out[condition][unit][n] = statistics.fmean(values)
+    return out
+
+
+def _interval(values: list[float]) -> dict[str, Any] | None:
+    return stats.bootstrap_mean(values).to_dict() if values else None
+
+
+def versus(per_unit: dict[str, dict[str, float]], conditions: list[str]
+           ) -> dict[str, stats.Paired]:
+    """Subtask Induction minus each other condition, paired by pipeline, Holm-adjusted."""
+    ours, out = per_unit.get(OURS, {}), {}
+    for c in conditions:
+        units = sorted(set(ours) & set(per_unit.get(c, {})))
+        if c != OURS and units:
+            out[c] = stats.paired_difference([ours[u] for u in units],
+                                             [per_unit[c][u] for u in units])
+    return stats.adjust(out)
+
+
+def summarize(cfg, rows: list[dict], verify: dict, bases: dict[str, dict], gates: dict,
+              data_info: dict, notes: dict[str, str]) -> dict[str, Any]:
+    """summary.json: each metric per condition with its interval over pipelines (over the grid
+    and per n), paired comparisons of Subtask Induction against every other condition, the
+    base models, and the gates' record."""
+    conditions, units = _conditions(cfg, rows), list(gates)
+    curves = {m: unit_means(rows, m) for m in METRICS}
+    overall = {m: {c: {u: statistics.fmean(curve.values()) for u, curve in curves[m][c].items()}
+                   for c in conditions} for m in METRICS}
+    ns = sorted({r["n"] for r in rows})
+    by_condition = {c: {
+        "label": LABELS[c],
+        **{m: _interval(list(overall[m][c].values())) for m in METRICS},
+        "per_replicate": {u: {m: overall[m][c].get(u) for m in METRICS} for u in units},
+        "per_n": {str(n): {m: _interval([curve[n] for curve in curves[m][c].values()
+                                         if n in curve]) for m in METRICS} for n in ns},
+    } for c in conditions}
     summary = {
         "arch": cfg.arch,
         "grid": list(cfg.grid),
         "seeds": cfg.seeds,
-        "conditions": _conditions(cfg, rows),
-        "base_model": {m: base.get(m) for m in METRICS},
-        "subnetwork_density": {k: v["density"] for k, v in verify.items()},
+        "units": units,
+        "conditions": conditions,
+        "base_model": {m: _interval([b[m] for b in bases.values() if b[m] is not None])
+                       for m in METRICS},
+        "base_models": {u: {k: b.get(k) for k in (*METRICS, "best_epoch", "parameters")}
+                        for u, b in bases.items()},
+        "subnetwork_density": {u: {k: v["density"] for k, v in kinds.items()}
+                               for u, kinds in verify.items()},
         "by_condition": by_condition,
+        "subnet_vs": {m: {c: {**p.to_dict(), "decision": stats.decide(p)}
+                          for c, p in versus(overall[m], conditions).items()} for m in COMPARED},
+        "gates": gates,
+        "gates_overridden": sorted(u for u, g in gates.items() if g.get("overridden")),
         "anchors": ANCHORS,
         "data": data_info,
-        "notes": notes or {},
+        "notes": notes,
     }
-    summary["paired"] = paired(rows)
     summary["headline"] = headline(cfg, summary)
     return summary
 
 
-def paired(rows: list[dict]) -> dict[str, int]:
-    """In how many cells (n, seed) Subtask Induction's shape bias beats random init's."""
-    bias = {(r["condition"], r["n"], r["seed"]): r["shape_bias"] for r in rows}
-    cells = [(n, seed) for c, n, seed in bias if c == "subnet"
-             and bias.get(("random", n, seed)) is not None and bias[c, n, seed] is not None]
-    return {"pairs": len(cells),
-            "subnet_higher": sum(bias["subnet", *k] > bias["random", *k] for k in cells)}
-
-
 def headline(cfg, summary: dict) -> str:
-    """The result in one sentence, saying plainly when Subtask Induction did not help."""
-    by = summary["by_condition"]
-    if "subnet" not in by or "random" not in by:
-        return (f"{cfg.arch}: shape bias by condition (mean over the grid and seeds): "
-                + ", ".join(f"{c} {_f(v['shape_bias'])}" for c, v in by.items()) + ".")
-    s, r = by["subnet"], by["random"]
-    wins, pairs = summary["paired"]["subnet_higher"], summary["paired"]["pairs"]
-    over = (f"{cfg.arch}, mean over n in {list(cfg.grid)} and {cfg.seeds} seed(s); higher in "
-            f"{wins} of {pairs} paired runs")
-    others = [f"{LABELS[c]} {_f(by[c]['shape_bias'])}" for c in ("random_aug", "random_subnet",
-                                                                 "full") if c in by]
-    others.append(f"base model {_f(summary['base_model']['shape_bias'])}")
-    accuracy = (f"natural accuracy {_f(s['natural_accuracy'])} vs "
-                f"{_f(r['natural_accuracy'])}")
-    # Paired over the cells (same data, same fresh weights): only a consistent gain counts.
-    verb = ("raised" if pairs and wins == pairs else
-            "did not raise" if wins == 0 else "did not consistently raise")
-    return (f"Subtask Induction {verb} the shape bias on cue-conflict images: "
-            f"{_f(s['shape_bias'])} against {_f(r['shape_bias'])} for training from a random "
-            f"init ({over}; {accuracy}; {'; '.join(others)}).")
+    """One sentence that says only what the intervals support."""
+    by, units, warn = summary["by_condition"], len(summary["units"]), summary["gates_overridden"]
+    prefix = (f"WARNING: gates failed and were overridden for {', '.join(warn)}; these results "
+              "rest on a base model or subnetwork that did not pass. " if warn else "")
+    over = (f"over {units} replicate pipeline{'s' * (units != 1)} ({cfg.arch}; mean over n in "
+            f"{list(cfg.grid)} and {cfg.seeds} downstream seed(s) each)")
+    if OURS not in by:
+        return prefix + f"Shape bias on cue-conflict images {over}: " + ", ".join(
+            f"{LABELS[c]} {_i(v['shape_bias'])}" for c, v in by.items()) + "."
+    text = (f"Subtask Induction's shape bias on cue-conflict images is "
+            f"{_i(by[OURS]['shape_bias'])} {over}")
+    if "random" in by:
+        text += f", against {_i(by['random']['shape_bias'])} for random init"
+    shape = summary["subnet_vs"]["shape_bias"]
+    parts = [f"{said} " + ", ".join(f"{LABELS[c]} ({_diff(p)})" for c, p in shape.items()
+                                    if p["decision"] == decision)
+             for decision, said in SAID.items()
+             if any(p["decision"] == decision for p in shape.values())]
+    if parts:
+        text += (": " + "; ".join(parts)
+                 + " (paired differences over pipelines, 95% intervals, Holm-corrected)")
+    natural = summary["subnet_vs"]["natural_accuracy"].get("random")
+    if natural:
+        text += (f". Its natural accuracy {_i(by[OURS]['natural_accuracy'])} is "
+                 f"{SAID[natural['decision']]} random init's "
+                 f"{_i(by['random']['natural_accuracy'])} ({_diff(natural)})")
+    return prefix + text + "."
+
+
+def _i(interval: dict | None) -> str:
+    return "n/a" if interval is None else f"{stats.Interval(**interval):.2f}"
 
 
 def _f(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.2f}"
 
 
+def _diff(p: dict) -> str:
+    return f"{p['mean_diff']:+.2f} [{p['low']:+.2f}, {p['high']:+.2f}]"
+
+
+def _tick(condition: str) -> str:
+    return textwrap.fill(SHORT.get(condition, LABELS[condition]), 12)
+
+
 def write_csv(run: RunDir, cfg, rows: list[dict]) -> None:
     order = {c: i for i, c in enumerate(cfg.conditions)}
-    rows = sorted(rows, key=lambda r: (r["n"], r["seed"], order[r["condition"]]))
+    rows = sorted(rows, key=lambda r: (r["replicate"], r["n"], r["seed"], order[r["condition"]]))
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=CSV_KEYS, lineterminator="\n")
     writer.writeheader()
@@ -134,56 +187,62 @@ def _save(fig, path: Path) -> None:
     plt.close(fig)
 
 
-def plot(run: RunDir, cfg, rows: list[dict], summary: dict) -> None:
-    """shape_bias.png: shape bias per condition (bars per n, range over seeds) with Geirhos et
-    al.'s anchors; accuracy on held-out natural (solid) and shape_only (dashed) against n."""
+def plot(run: RunDir, cfg, summary: dict) -> None:
+    """shape_bias.png: shape bias per condition (bars per n: mean over pipelines, whiskers: 95%
+    interval) with Geirhos et al.'s anchors and the base models; accuracy on held-out natural
+    (solid) and shape_only (dashed) images against n, with 95% bands over pipelines."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    conditions, ns = summary["conditions"], sorted({r["n"] for r in rows})
-    by = summary["by_condition"]
+    conditions, by = summary["conditions"], summary["by_condition"]
+    ns = sorted({int(n) for c in by.values() for n in c["per_n"]})
     fig, (left, right) = plt.subplots(1, 2, figsize=(14, 5), gridspec_kw={"width_ratios": [3, 2]})
     width = 0.8 / max(len(ns), 1)
     for i, n in enumerate(ns):
         xs, heights, lows, highs = [], [], [], []
         for j, c in enumerate(conditions):
-            stats = by[c]["per_n"].get(str(n))
-            if not stats or stats["shape_bias"] is None:
+            bias = by[c]["per_n"][str(n)]["shape_bias"]
+            if bias is None:
                 continue
             xs.append(j + (i - (len(ns) - 1) / 2) * width)
-            heights.append(stats["shape_bias"])
-            lo, hi = stats["shape_bias_range"]
-            lows.append(stats["shape_bias"] - lo)
-            highs.append(hi - stats["shape_bias"])
+            heights.append(bias["mean"])
+            lows.append(bias["mean"] - bias["low"])
+            highs.append(bias["high"] - bias["mean"])
         left.bar(xs, heights, width, yerr=[lows, highs], capsize=2, label=f"n={n}")
     styles = iter(["-.", "--", ":"])
-    for label, value in ANCHORS.items():
+    for name, value in ANCHORS.items():
         left.axhline(value, color="grey", lw=0.9, ls=next(styles))
-        left.text(len(conditions) - 0.45, value + 0.01, f"{label} {value}", fontsize=7,
+        left.text(len(conditions) - 0.45, value + 0.01, f"{name} {value}", fontsize=7,
                   ha="right", color="dimgrey")
-    if summary["base_model"]["shape_bias"] is not None:
-        left.axhline(summary["base_model"]["shape_bias"], color="black", lw=1.2)
-        left.text(-0.45, summary["base_model"]["shape_bias"] + 0.01,
-                  f"base model {summary['base_model']['shape_bias']:.2f}", fontsize=7)
-    left.set_xticks(range(len(conditions)), [TICKS[c] for c in conditions], fontsize=8)
+    base = summary["base_model"]["shape_bias"]
+    if base is not None:
+        left.axhline(base["mean"], color="black", lw=1.2)
+        left.axhspan(base["low"], base["high"], color="black", alpha=0.08)
+        left.text(-0.45, base["high"] + 0.01, f"base models {_i(base)}", fontsize=7)
+    left.set_xticks(range(len(conditions)), [_tick(c) for c in conditions], fontsize=8)
     left.set(ylabel="shape bias  shape / (shape + texture)", ylim=(0, 1.05),
-             title=f"Shape bias on cue-conflict images ({cfg.arch}; bars: mean over seeds, "
-                   "whiskers: range)")
+             title=f"Shape bias on cue-conflict images ({cfg.arch})\nbars: mean over "
+                   f"{len(summary['units'])} pipelines, whiskers: 95% interval")
     left.legend(fontsize=8, loc="upper left", bbox_to_anchor=(0.0, 0.93))
     for c in conditions:
-        per_n = by[c]["per_n"]
-        xs = [n for n in ns if str(n) in per_n]
-        line = right.plot(xs, [per_n[str(n)]["natural_accuracy"] for n in xs], marker="o",
-                          label=LABELS[c])[0]
-        right.plot(xs, [per_n[str(n)]["shape_only_accuracy"] for n in xs], marker=".",
-                   ls="--", color=line.get_color(), alpha=0.7)
+        per_n, color = by[c]["per_n"], None
+        for metric, style, alpha in (("natural_accuracy", "-", 0.12),
+                                     ("shape_only_accuracy", "--", 0.06)):
+            points = [(n, per_n[str(n)][metric]) for n in ns if per_n[str(n)][metric]]
+            xs = [n for n, _ in points]
+            line = right.plot(xs, [v["mean"] for _, v in points], marker=".", ls=style,
+                              color=color, label=None if color else LABELS[c])[0]
+            color = line.get_color()
+            right.fill_between(xs, [v["low"] for _, v in points], [v["high"] for _, v in points],
+                               color=color, alpha=alpha)
     right.set_xscale("log")
     right.set_xticks(ns, [str(n) for n in ns])
     right.minorticks_off()
     right.set(xlabel="downstream natural images n", ylabel="accuracy", ylim=(0, 1.02),
-              title="Accuracy: held-out natural (solid), shape_only (dashed)")
+              title="Accuracy: held-out natural (solid), shape_only (dashed)\n"
+                    "95% bands over pipelines")
     right.legend(fontsize=7, loc="center right")
     fig.tight_layout()
     _save(fig, run.path("shape_bias.png"))
@@ -221,9 +280,6 @@ def _image_grid(path: Path, rows: list[tuple[str, torch.Tensor, list[str]]],
 def write_examples(run: RunDir, cfg, data) -> list[str]:
     """examples.png (preview_grid for the generated world, else the real sets) and
     augmentation.png (natural images and their `random_aug` augmentations)."""
-    from instill.experiments.shapebias import shape_preserving_augment
-    from instill.tasks.shapes import preview_grid
-
     k = 8
     if all(v is None for v in (cfg.train_dir, cfg.shape_dir, cfg.cue_conflict_dir)):
         preview_grid(cfg.world, cfg.seed, run.path("examples.png"), per_split=k)
@@ -267,34 +323,51 @@ def _table(header: list[str], rows: list[list[Any]]) -> str:
     return "\n".join(lines)
 
 
-def markdown(cfg, summary: dict, verify: dict, base: dict) -> str:
-    """report.md: setup, base model, verification, results, headline."""
-    from instill.experiments.shapebias import ShapeBiasConfig
+def _gate_rows(gates: dict[str, Any]) -> list[list[Any]]:
+    """One row per attempt of every pipeline: its gates, and which attempt was used."""
+    rows = []
+    for unit, record in gates.items():
+        for attempt in record["attempts"]:
+            chosen = "chosen" if attempt["attempt"] == record["attempt"] else ""
+            rows.append([unit, attempt["attempt"], "; ".join(
+                f"{g['name']} {g['value']:.3f} ({'pass' if g['passed'] else 'FAIL'} at "
+                f"{g['threshold']:g})" for g in attempt["gates"]),
+                chosen + (" (overridden)" if chosen and record.get("overridden") else "")])
+    return rows
 
-    paper, ours = _flatten(to_dict(ShapeBiasConfig())), _flatten(to_dict(cfg))
+
+def _paired_rows(results: dict[str, dict]) -> list[list[Any]]:
+    return [[f"Subtask Induction - {LABELS[c]}", _diff(p), f"{p['p_value']:.2g}",
+             f"{p['p_adjusted']:.2g}", p["n"], SAID[p["decision"]].split(" at ")[0]]
+            for c, p in results.items()]
+
+
+def markdown(cfg, summary: dict, verify: dict, paper: dict[str, Any], ours: dict[str, Any]
+             ) -> str:
+    """report.md: headline, setup, gates, base models, verification, results."""
+    flat_paper, flat_ours = _flatten(paper), _flatten(ours)
     unused = "vit." if cfg.arch == "resnet" else "resnet."
-    differs = [f"`{k}`: {ours[k]} (paper preset: {paper[k]})" for k in paper
-               if ours[k] != paper[k] and k != "seed" and not k.startswith(unused)]
-    data = summary["data"]
-    model = cfg.resnet if cfg.arch == "resnet" else cfg.vit
-    verify_rows = []
-    for source, v in verify.items():
-        for label, acc in v["accuracy"].items():
-            verify_rows.append([source, label, _f(acc["shape_only"]), _f(acc["natural"]),
-                                _f(acc["shape_bias"])])
-    by, ns = summary["by_condition"], [str(n) for n in summary["grid"]]
-    result_rows = []
-    for c in summary["conditions"]:
-        cells = []
-        for n in ns:
-            st = by[c]["per_n"].get(n)
-            cells.append("-" if st is None else
-                         f"{_f(st['shape_bias'])} / {_f(st['natural_accuracy'])} / "
-                         f"{_f(st['shape_only_accuracy'])}")
-        result_rows.append([LABELS[c], *cells, _f(by[c]["shape_bias"]),
-                            _f(by[c]["natural_accuracy"])])
-    density = ", ".join(f"{k} {v:.4f}" for k, v in summary["subnetwork_density"].items())
-    notes = summary["notes"]
+    differs = [f"`{k}`: {flat_ours[k]} (paper preset: {v})" for k, v in flat_paper.items()
+               if flat_ours[k] != v and k != "seed" and not k.startswith(unused)]
+    data, by, units = summary["data"], summary["by_condition"], len(summary["units"])
+    bases = summary["base_models"]
+    base_rows = [[u, summary["gates"][u]["attempt"], _f(b["natural_accuracy"]),
+                  _f(b["shape_only_accuracy"]), _f(b["shape_bias"]), b["best_epoch"]]
+                 for u, b in bases.items()]
+    base_rows.append(["mean [95%]", "", *[_i(summary["base_model"][m]) for m in (
+        "natural_accuracy", "shape_only_accuracy", "shape_bias")], ""])
+    verify_rows = [[unit, source, name, *[_f(v["accuracy"][name][k]) for k in (
+        "shape_only", "natural", "shape_bias")]] for unit, kinds in verify.items()
+        for source, v in kinds.items() for name in VERIFIED]
+    ns = [str(n) for n in summary["grid"]]
+    interval_rows = [[LABELS[c], *[_i(by[c][m]) for m in METRICS]] for c in summary["conditions"]]
+    per_n_rows = [[LABELS[c], *[" / ".join(_f(None if by[c]["per_n"][n][m] is None else
+                                                by[c]["per_n"][n][m]["mean"]) for m in METRICS)
+                                for n in ns]] for c in summary["conditions"]]
+    density = "; ".join(f"{u} " + ", ".join(f"{k} {v:.4f}" for k, v in kinds.items())
+                        for u, kinds in summary["subnetwork_density"].items())
+    header = ["comparison", "mean difference [95%]", "p", "p (Holm)", "pipelines", "decision"]
+    notes, overridden = summary["notes"], summary["gates_overridden"]
     return "\n\n".join([
         f"# Subtask Induction: shape bias ({cfg.arch})",
         f"**{summary['headline']}**",
@@ -305,29 +378,48 @@ def markdown(cfg, summary: dict, verify: dict, base: dict) -> str:
         f"{data['sources']['cue_conflict']}. Classes ({len(data['classes'])}): "
         f"{', '.join(data['classes'])}. Set sizes: "
         + ", ".join(f"{k} {v}" for k, v in data["sizes"].items()) + ".",
-        f"Model: HF {cfg.arch} {to_dict(model)}, {base.get('parameters', '?')} parameters, "
-        f"{cfg.size}x{cfg.size} images. Conditions: {', '.join(cfg.conditions)}; "
-        f"downstream sizes n = {list(cfg.grid)}, {cfg.seeds} seed(s); each cell trains every "
-        f"condition on the same images for max({cfg.induction_fit.epochs}, "
+        f"Model: HF {cfg.arch} {ours[cfg.arch]}, "
+        f"{next(iter(bases.values()))['parameters']} parameters, {cfg.size}x{cfg.size} images. "
+        f"{units} replicate pipeline(s), each with its own base model, subnetworks and "
+        f"downstream images. Conditions: {', '.join(cfg.conditions)}; downstream sizes n = "
+        f"{list(cfg.grid)}, {cfg.seeds} seed(s) per pipeline; each cell trains every condition "
+        f"on the same images for max({cfg.induction_fit.epochs}, "
         f"ceil({cfg.induction_min_examples} / n)) epochs and keeps the epoch with the best "
         "natural validation accuracy.",
         "Settings that differ from the paper preset:\n\n"
         + ("\n".join(f"- {d}" for d in differs) or "- none"),
-        "## Base model",
-        _table(["natural accuracy", "shape_only accuracy", "shape bias", "best epoch"],
-               [[_f(base.get("natural_accuracy")), _f(base.get("shape_only_accuracy")),
-                 _f(base.get("shape_bias")), base.get("best_epoch")]]),
+        "## Gates",
+        "Each pipeline's base model must reach the natural-accuracy threshold on held-out images "
+        "and be texture-biased (1 - shape bias) on cue-conflict images; its subnetwork must "
+        "classify shape_only images alone and be specific (ablating it must hurt shape_only "
+        "accuracy at least as much, up to the margin, as ablating as many random weights). A "
+        "failed attempt is retried with the next seed; every attempt is listed."
+        + (f" **WARNING: gates were overridden (`gates.enforce: false`) for "
+           f"{', '.join(overridden)}: these results rest on a base model or subnetwork that "
+           "did not pass.**" if overridden else ""),
+        _table(["pipeline", "attempt", "gates", ""], _gate_rows(summary["gates"])),
+        "## Base models",
+        _table(["pipeline", "attempt", "natural accuracy", "shape_only accuracy", "shape bias",
+                "best epoch"], base_rows),
         "## Verification of the shape subnetwork",
         f"Density (kept fraction of the masked weights): {density}. `trained` is the subnetwork "
         "of the base model; `random_init` the one found with the same settings in a randomly "
         "initialized model.",
-        _table(["source", "model", "shape_only accuracy", "natural accuracy", "shape bias"],
-               verify_rows),
+        _table(["pipeline", "source", "model", "shape_only accuracy", "natural accuracy",
+                "shape bias"], verify_rows),
         "## Induction results",
         "![shape bias](shape_bias.png)",
-        "Each cell: shape bias / natural accuracy / shape_only accuracy, mean over seeds.",
-        _table(["condition", *[f"n={n}" for n in ns], "shape bias (mean)",
-                "natural acc. (mean)"], result_rows),
+        f"Mean over the grid and seeds of each pipeline, then over the {units} pipelines, with "
+        "95% bootstrap intervals:",
+        _table(["condition", "shape bias [95%]", "natural accuracy [95%]",
+                "shape_only accuracy [95%]"], interval_rows),
+        "Per n (shape bias / natural accuracy / shape_only accuracy, mean over pipelines):",
+        _table(["condition", *[f"n={n}" for n in ns]], per_n_rows),
+        "### Subtask Induction against each condition (paired by pipeline)",
+        "Shape bias (Holm-corrected over this table):",
+        _table(header, _paired_rows(summary["subnet_vs"]["shape_bias"])),
+        "Natural accuracy (Holm-corrected over this table):",
+        _table(header, _paired_rows(summary["subnet_vs"]["natural_accuracy"])),
         "A model at chance level scores a shape bias near 0.5 (it hits shape and texture "
         "equally rarely), so read shape bias together with accuracy. Reference shape biases "
         "(Geirhos et al. 2019): "
@@ -338,21 +430,18 @@ def markdown(cfg, summary: dict, verify: dict, base: dict) -> str:
     ]).replace("\n\n\n\n", "\n\n") + "\n"
 
 
-def write_report(run: RunDir, cfg, rows: list[dict], verify: dict, base: dict,
-                 data) -> dict[str, Any]:
+def write_report(run: RunDir, cfg, rows: list[dict], verify: dict, bases: dict[str, dict],
+                 gates: dict[str, Any], data, notes: dict[str, str], paper: dict[str, Any],
+                 ours: dict[str, Any]) -> dict[str, Any]:
     """Write results.csv, summary.json, shape_bias.png, examples, report.md; return the
-    summary."""
-    import json
-
-    notes: dict[str, str] = {}
-    for path in sorted(run.path("cells").glob("*.json")):
-        notes.update(json.loads(path.read_text()).get("notes", {}))
+    summary. `paper` and `ours` are the paper preset's and this run's config as dicts (for the
+    differences), so this module needs no experiment class."""
     write_csv(run, cfg, rows)
-    summary = summarize(cfg, rows, verify, base, data.describe(), notes)
+    summary = summarize(cfg, rows, verify, bases, gates, data.describe(), notes)
     write_json(run.path("summary.json"), summary)
-    plot(run, cfg, rows, summary)
+    plot(run, cfg, summary)
     examples = write_examples(run, cfg, data)
-    atomic_write_text(run.path("report.md"), markdown(cfg, summary, verify, base))
+    atomic_write_text(run.path("report.md"), markdown(cfg, summary, verify, paper, ours))
     run.record_outputs(["results.csv", "summary.json", "shape_bias.png", "report.md",
                         "verify.json", *examples])
     return summary
