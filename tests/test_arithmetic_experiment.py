@@ -95,13 +95,13 @@ def test_resume_removes_temporaries_a_killed_run_left(tiny_run):
     assert not any(path.exists() for path in stale)
     assert sum("left by an interrupted run" in line for line in logged) == 2
     assert sorted(p.name for p in (out / "cells").iterdir()) == [
-        f"L1-r{r}-n{n}-s0.json" for r in (0, 1) for n in (0, 8)]
+        f"L1-r{r}-a0-n{n}-s0.json" for r in (0, 1) for n in (0, 8)]
 
 
 def test_missing_cell_is_recomputed_and_others_are_not(tiny_run, monkeypatch):
     cfg, out, _ = tiny_run
     before = (out / "results.csv").read_text()
-    (out / "cells/L1-r1-n8-s0.json").unlink()
+    (out / "cells/L1-r1-a0-n8-s0.json").unlink()
     calls = []
     real_fit = arith.fit
 

@@ -88,7 +88,7 @@ def test_a_failed_attempt_is_retried_and_the_retry_resumes_without_retraining(tm
     before = (tmp_path / "results.csv").read_text()
 
     (tmp_path / "pipelines/L1-r0/attempts.json").unlink()  # killed between attempts
-    (tmp_path / "cells/L1-r0-n8-s0.json").unlink()
+    (tmp_path / "cells/L1-r0-a1-n8-s0.json").unlink()
     calls = _count_fits(monkeypatch)
     run_arithmetic(cfg, tmp_path, **QUIET)
     assert sorted(calls) == sorted(f"{c} L1 r0 n=8 s0" for c in cfg.conditions)
@@ -146,3 +146,20 @@ def test_set_assignments_reach_nested_config_values():
     assert cfg.base == "a + b" and cfg.base_fit.batch_size == 128  # the rest of the section stays
     with pytest.raises(Exception, match="KEY=VALUE"):
         parse_assignments(["lr"])
+
+
+def test_gates_may_change_when_resuming_and_the_change_is_recorded(tmp_path, monkeypatch):
+    strict = load_config("quick", {**TINY, "gates": {"base_accuracy": 0.99, "retries": 0}})
+    with pytest.raises(GateError):
+        run_arithmetic(strict, tmp_path, **QUIET)
+    calls = _count_fits(monkeypatch)
+    logged: list[str] = []
+    relaxed = load_config("quick", {**TINY, "gates": {"base_accuracy": 0.99, "retries": 0,
+                                                      "enforce": False}})
+    summary = run_arithmetic(relaxed, tmp_path, log=logged.append)
+    assert "base L1 r0" not in calls  # the failed attempt's base model is reused
+    assert any("resuming with changed gates.enforce" in line for line in logged)
+    recorded = json.loads((tmp_path / "config.json").read_text())["config"]
+    assert recorded["gates"]["enforce"] is False and summary["gates_overridden"]
+    with pytest.raises(Exception, match="modulus was 7, now 5"):  # other keys stay fixed
+        run_arithmetic(load_config("quick", {**TINY, "modulus": 5}), tmp_path, **QUIET)

@@ -77,11 +77,11 @@ def test_tiny_run_writes_every_output_well_formed(tiny_run):
              "examples.png", "augmentation.png", "report.md", "manifest.json",
              *[f"pipelines/r{r}/a0/{name}" for r in (0, 1) for name in per_attempt],
              *[f"pipelines/r{r}/attempts.json" for r in (0, 1)],
-             *[f"cells/r{r}-n{n}-s0.json" for r in (0, 1) for n in (12, 24)]]
+             *[f"cells/r{r}-a0-n{n}-s0.json" for r in (0, 1) for n in (12, 24)]]
     for name in names:
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
     assert sorted(p.name for p in (out / "cells").iterdir()) == [
-        "r0-n12-s0.json", "r0-n24-s0.json", "r1-n12-s0.json", "r1-n24-s0.json"]
+        "r0-a0-n12-s0.json", "r0-a0-n24-s0.json", "r1-a0-n12-s0.json", "r1-a0-n24-s0.json"]
     for name in ("shape_bias.png", "examples.png", "augmentation.png"):
         width, height = _png_size(out / name)
         assert width > 300 and height > 150, name
@@ -162,7 +162,7 @@ def test_tiny_run_writes_every_output_well_formed(tiny_run):
     manifest = json.loads((out / "manifest.json").read_text())["files"]
     assert {"results.csv", "summary.json", "shape_bias.png", "report.md",
             "pipelines/r1/attempts.json", "pipelines/r1/a0/base.safetensors",
-            "cells/r1-n24-s0.json"} <= set(manifest)
+            "cells/r1-a0-n24-s0.json"} <= set(manifest)
 
 
 def test_rerun_resumes_without_retraining(tiny_run, monkeypatch):
@@ -181,7 +181,7 @@ def test_rerun_resumes_without_retraining(tiny_run, monkeypatch):
 def test_missing_cell_is_recomputed_identically_and_others_are_not(tiny_run, monkeypatch):
     cfg, out, _ = tiny_run
     before = (out / "results.csv").read_text()
-    (out / "cells/r1-n24-s0.json").unlink()
+    (out / "cells/r1-a0-n24-s0.json").unlink()
     calls = []
     real_fit = sb.fit
 

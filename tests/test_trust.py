@@ -39,7 +39,7 @@ torch.set_num_threads(1)
 # TINY with a longer grid and slower cells, so a run can be caught between its cells.
 CONFIG = {**TINY, "replicates": 1, "grid": [0, 8, 16, 24, 32],
           "induction_fit": {"epochs": 6, "batch_size": 8}}
-CELLS = {f"L1-r0-n{n}-s0.json" for n in CONFIG["grid"]}
+CELLS = {f"L1-r0-a0-n{n}-s0.json" for n in CONFIG["grid"]}
 BASE, SUB = "pipelines/L1-r0/a0/base.safetensors", "pipelines/L1-r0/a0/subnetwork.safetensors"
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 SRC = Path(instill.__file__).resolve().parent

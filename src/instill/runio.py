@@ -751,15 +751,18 @@ class RunDir:
             ) from err
 
     def check_compatible(
-        self, config: Mapping[str, Any], version_key_fields: Sequence[str] | None = None
-    ) -> None:
+        self, config: Mapping[str, Any], version_key_fields: Sequence[str] | None = None,
+        mutable: Sequence[str] = (),
+    ) -> list[str]:
         """Refuse to reuse a directory written by another config or run format version.
 
-        `version_key_fields` lists the dotted config keys that must match (None: all keys).
+        `version_key_fields` lists the dotted config keys that must match (None: all keys);
+        keys under `mutable` may change (they decide nothing already computed). Returns the
+        mutable keys that changed.
         """
         recorded = self._recorded()
         if recorded is None:
-            return
+            return []
         fix = f"use a new --out directory or delete {self.root}"
         version = recorded.get("format_version")
         if version != RUN_FORMAT_VERSION:
@@ -769,17 +772,17 @@ class RunDir:
             )
         old = _flatten(recorded.get("config") or {})
         new = _flatten(json.loads(json.dumps(_jsonable(config))))
-        diffs = [
-            f"{key} was {old.get(key, '<unset>')!r}, now {new.get(key, '<unset>')!r}"
-            for key in sorted(set(old) | set(new))
-            if _selected(key, version_key_fields) and old.get(key, ...) != new.get(key, ...)
-        ]
+        changed = [key for key in sorted(set(old) | set(new))
+                   if _selected(key, version_key_fields) and old.get(key, ...) != new.get(key, ...)]
+        diffs = [f"{key} was {old.get(key, '<unset>')!r}, now {new.get(key, '<unset>')!r}"
+                 for key in changed if not (mutable and _selected(key, mutable))]
         if diffs:
             shown = "; ".join(diffs[:10]) + ("; ..." if len(diffs) > 10 else "")
             raise ConfigError(
                 f"{self.root} holds results from a different config ({shown}); "
                 f"a resumed run must not mix results from different configs: {fix}"
             )
+        return changed
 
     def remove_stale_temporaries(self) -> list[Path]:
         """Delete the `.tmp-*` files a killed run left behind (atomic writes that never finished
@@ -790,13 +793,16 @@ class RunDir:
         return stale
 
     def begin(self, config: Mapping[str, Any], seed: int | None,
-              log: Callable[[str], Any] = print) -> None:
-        """Start or resume a run here: refuse another config's directory, delete what a killed
-        run left half-written, and record config.json on a fresh start."""
-        self.check_compatible(config)
+              log: Callable[[str], Any] = print, mutable: Sequence[str] = ()) -> None:
+        """Start or resume a run here: refuse another config's directory (except for changes
+        under `mutable`, which are recorded), delete what a killed run left half-written, and
+        record config.json on a fresh start."""
+        changed = self.check_compatible(config, mutable=mutable)
         for path in self.remove_stale_temporaries():
             log(f"removed {path}, left by an interrupted run")
-        if not self.exists(self.CONFIG):
+        if changed:
+            log(f"resuming with changed {', '.join(changed)}; config.json records the new values")
+        if changed or not self.exists(self.CONFIG):
             self.write_config(config, seed)
 
     def write_config(self, config: Mapping[str, Any], seed: int | None) -> dict[str, Any]:

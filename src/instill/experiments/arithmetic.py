@@ -171,7 +171,7 @@ class ArithmeticRun:
 
     Layout: `pipelines/L{d}-r{r}/a{i}/` holds attempt i of replicate r at depth d (its base
     model, subnetwork and verification; `attempts.json` beside it records every attempt's
-    gates), and `cells/L{d}-r{r}-n{n}-s{s}.json` the induction cells of the chosen attempt.
+    gates), and `cells/L{d}-r{r}-a{i}-n{n}-s{s}.json` the induction cells of the chosen attempt.
     """
 
     def __init__(self, cfg: ArithmeticConfig, out: str | Path, log=print,
@@ -224,7 +224,7 @@ class ArithmeticRun:
         with torch.random.fork_rng(devices=[]):  # fail before training, not after it
             for layers in self.cfg.layers:
                 select_parameters(self.build(layers), mask.targets, mask.exclude, mask.mask_bias)
-        self.run.begin(to_dict(self.cfg), self.cfg.seed, self.log)
+        self.run.begin(to_dict(self.cfg), self.cfg.seed, self.log, mutable=["gates"])
         return problems
 
     # -- one attempt of one pipeline: base model, subnetwork, verification, gates --------------
@@ -328,7 +328,7 @@ class ArithmeticRun:
     def cell(self, layers: int, replicate: int, attempt: int, n: int, seed: int
              ) -> list[dict[str, Any]]:
         """Phase 4 unit of work: every condition trained on the same target data."""
-        path = self.run.path(f"cells/L{layers}-r{replicate}-n{n}-s{seed}.json")
+        path = self.run.path(f"cells/L{layers}-r{replicate}-a{attempt}-n{n}-s{seed}.json")
         if path.exists():
             try:
                 return json.loads(path.read_text())["rows"]
@@ -382,7 +382,7 @@ class ArithmeticRun:
                    for name in ("base.safetensors", "base.json", "subnetwork.safetensors",
                                 "subnetwork.json", "verify.json")]
         outputs += [f"{_pipeline_dir(d, r)}/attempts.json" for d, r in units]
-        outputs += [f"cells/L{d}-r{r}-n{n}-s{s}.json" for d, r, _, n, s in cells]
+        outputs += [f"cells/L{d}-r{r}-a{i}-n{n}-s{s}.json" for d, r, i, n, s in cells]
         self.run.record_outputs(outputs)
         return write_report(self.run, cfg, rows, verify, problems,
                             {f"L{d}-r{r}": c for (d, r), c in chosen.items()},

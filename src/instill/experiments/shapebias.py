@@ -266,7 +266,7 @@ class ShapeBiasRun:
 
     Layout: `pipelines/r{r}/a{i}/` holds attempt i of replicate r (its base model, subnetwork,
     verification and, with `random_subnet`, the random-init control; `attempts.json` beside it
-    records every attempt's gates), and `cells/r{r}-n{n}-s{s}.json` the induction cells of the
+    records every attempt's gates), and `cells/r{r}-a{i}-n{n}-s{s}.json` the induction cells of the
     chosen attempt.
     """
 
@@ -331,7 +331,7 @@ class ShapeBiasRun:
 
     def prepare(self) -> None:
         """Check the config against an earlier run in the same directory; record it."""
-        self.run.begin(to_dict(self.cfg), self.cfg.seed, self.log)
+        self.run.begin(to_dict(self.cfg), self.cfg.seed, self.log, mutable=["gates"])
 
     # -- one attempt of one pipeline: base model, subnetwork, verification, gates --------------
     def base_phase(self, replicate: int, attempt: int) -> dict[str, Any]:
@@ -477,7 +477,7 @@ class ShapeBiasRun:
     def cell(self, replicate: int, attempt: int, n: int, seed: int) -> dict[str, Any]:
         """Phase 3 unit of work: every condition trained on the same n natural images; its rows
         and notes."""
-        path = self.run.path(f"cells/r{replicate}-n{n}-s{seed}.json")
+        path = self.run.path(f"cells/r{replicate}-a{attempt}-n{n}-s{seed}.json")
         if path.exists():
             return json.loads(path.read_text())
         trained = self.model(replicate, attempt, "trained")
@@ -530,7 +530,7 @@ class ShapeBiasRun:
         outputs = [f"{d}/{p.name}" for d in dirs.values()
                    for p in sorted(self.run.path(d).iterdir())]
         outputs += [f"{_pipeline_dir(r)}/attempts.json" for r in units]
-        outputs += [f"cells/r{r}-n{n}-s{s}.json" for r, _, n, s in cells]
+        outputs += [f"cells/r{r}-a{i}-n{n}-s{s}.json" for r, i, n, s in cells]
         self.run.record_outputs(outputs)
         return write_report(self.run, cfg, rows, verify, bases,
                             {f"r{r}": c for r, c in chosen.items()}, self.data, notes,
