@@ -9,15 +9,15 @@ condition as paired differences (same pipeline, same data) with a paired t-test,
 
 from __future__ import annotations
 
-import csv
-import io
 import statistics
 from collections import defaultdict
 from typing import Any
 
 from instill import stats
+from instill.experiments import reporting
 from instill.experiments.common import CONDITIONS
-from instill.runio import RunDir, atomic_path, atomic_write_text, write_json
+from instill.experiments.reporting import save_figure, table
+from instill.runio import RunDir, atomic_write_text, write_json
 
 OURS = "subnet"
 #: Where the transfer comes from: (with, without) pairs the report compares as well.
@@ -121,13 +121,7 @@ def write_csv(run: RunDir, cfg, rows: list[dict]) -> None:
     order = {c: i for i, c in enumerate(cfg.conditions)}
     rows = sorted(rows, key=lambda r: (r["layers"], r["replicate"], r["n"], r["seed"],
                                        order[r["condition"]]))
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=keys, lineterminator="\n")
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({k: (f"{row[k]:.6f}" if isinstance(row[k], float) else row[k])
-                         for k in keys})
-    atomic_write_text(run.path("results.csv"), buffer.getvalue())
+    reporting.write_csv(run.path("results.csv"), keys, rows)
 
 
 def plot(run: RunDir, cfg, summary: dict) -> None:
@@ -167,9 +161,7 @@ def plot(run: RunDir, cfg, summary: dict) -> None:
               title="Which hypothesis each condition adopted")
     right.legend(fontsize=7)
     fig.tight_layout()
-    with atomic_path(run.path("data_efficiency.png")) as tmp:
-        fig.savefig(tmp, dpi=120)
-    plt.close(fig)
+    save_figure(fig, run.path("data_efficiency.png"))
 
 
 WHY = ("Why: smaller problems (fewer numbers, depths, samples and epochs) make a run fit a CPU in "
@@ -186,24 +178,6 @@ def differences(ours: Any, paper: Any, key: str = "") -> list[str]:
         return [d for k in paper for d in differences(ours.get(k), paper[k],
                                                       f"{key}.{k}" if key else k)]
     return [] if ours == paper else [f"`{key}`: {ours} (paper: {paper})"]
-
-
-def table(header: list[str], rows: list[list[Any]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
-def _gate_rows(gates: dict[str, Any]) -> list[list[Any]]:
-    rows = []
-    for unit, record in gates.items():
-        for attempt in record["attempts"]:
-            chosen = "chosen" if attempt["attempt"] == record["attempt"] else ""
-            rows.append([unit, attempt["attempt"], "; ".join(
-                f"{g['name']} {g['value']:.3f} ({'pass' if g['passed'] else 'FAIL'} at "
-                f"{g['threshold']:g})" for g in attempt["gates"]),
-                chosen + (" (overridden)" if chosen and record.get("overridden") else "")])
-    return rows
 
 
 def _paired_rows(results: dict[str, dict], name: Any) -> list[list[Any]]:
@@ -247,7 +221,7 @@ def markdown(cfg, summary: dict, verify: dict, paper: dict[str, Any], ours: dict
         "retried with the next seed; every attempt is listed."
         + (f" **Gates were overridden (`gates.enforce: false`) for "
            f"{', '.join(summary['gates_overridden'])}.**" if summary["gates_overridden"] else ""),
-        table(["pipeline", "attempt", "gates", ""], _gate_rows(summary["gates"])),
+        reporting.gates_table(summary["gates"]),
         "## Verification of the subnetworks",
         f"Density (kept fraction of the masked weights): {density}.",
         table(["pipeline", "model", "subtask accuracy", "base accuracy"], verify_rows),

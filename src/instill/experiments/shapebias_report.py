@@ -9,8 +9,6 @@ Holm-corrected within each metric (shape bias, natural accuracy).
 
 from __future__ import annotations
 
-import csv
-import io
 import statistics
 import textwrap
 from collections import defaultdict
@@ -20,8 +18,10 @@ from typing import Any
 import torch
 
 from instill import stats
+from instill.experiments import reporting
 from instill.experiments.common import CONDITIONS
-from instill.runio import RunDir, atomic_path, atomic_write_text, write_json
+from instill.experiments.reporting import save_figure, table
+from instill.runio import RunDir, atomic_write_text, write_json
 from instill.tasks.shape_task import shape_preserving_augment
 from instill.tasks.shapes import preview_grid
 
@@ -170,21 +170,7 @@ def _tick(condition: str) -> str:
 def write_csv(run: RunDir, cfg, rows: list[dict]) -> None:
     order = {c: i for i, c in enumerate(cfg.conditions)}
     rows = sorted(rows, key=lambda r: (r["replicate"], r["n"], r["seed"], order[r["condition"]]))
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=CSV_KEYS, lineterminator="\n")
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({k: (f"{row[k]:.6f}" if isinstance(row[k], float) else
-                             "" if row[k] is None else row[k]) for k in CSV_KEYS})
-    atomic_write_text(run.path("results.csv"), buffer.getvalue())
-
-
-def _save(fig, path: Path) -> None:
-    import matplotlib.pyplot as plt
-
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=120, format="png")
-    plt.close(fig)
+    reporting.write_csv(run.path("results.csv"), CSV_KEYS, rows)
 
 
 def plot(run: RunDir, cfg, summary: dict) -> None:
@@ -245,7 +231,7 @@ def plot(run: RunDir, cfg, summary: dict) -> None:
                     "95% bands over pipelines")
     right.legend(fontsize=7, loc="center right")
     fig.tight_layout()
-    _save(fig, run.path("shape_bias.png"))
+    save_figure(fig, run.path("shape_bias.png"))
 
 
 def _image_grid(path: Path, rows: list[tuple[str, torch.Tensor, list[str]]],
@@ -274,7 +260,7 @@ def _image_grid(path: Path, rows: list[tuple[str, torch.Tensor, list[str]]],
                 ax.set_ylabel(label, fontsize=8)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def write_examples(run: RunDir, cfg, data) -> list[str]:
@@ -315,25 +301,6 @@ def _flatten(data: dict, prefix: str = "") -> dict[str, Any]:
         else:
             out[f"{prefix}{key}"] = value
     return out
-
-
-def _table(header: list[str], rows: list[list[Any]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
-def _gate_rows(gates: dict[str, Any]) -> list[list[Any]]:
-    """One row per attempt of every pipeline: its gates, and which attempt was used."""
-    rows = []
-    for unit, record in gates.items():
-        for attempt in record["attempts"]:
-            chosen = "chosen" if attempt["attempt"] == record["attempt"] else ""
-            rows.append([unit, attempt["attempt"], "; ".join(
-                f"{g['name']} {g['value']:.3f} ({'pass' if g['passed'] else 'FAIL'} at "
-                f"{g['threshold']:g})" for g in attempt["gates"]),
-                chosen + (" (overridden)" if chosen and record.get("overridden") else "")])
-    return rows
 
 
 def _paired_rows(results: dict[str, dict]) -> list[list[Any]]:
@@ -397,29 +364,29 @@ def markdown(cfg, summary: dict, verify: dict, paper: dict[str, Any], ours: dict
         + (f" **WARNING: gates were overridden (`gates.enforce: false`) for "
            f"{', '.join(overridden)}: these results rest on a base model or subnetwork that "
            "did not pass.**" if overridden else ""),
-        _table(["pipeline", "attempt", "gates", ""], _gate_rows(summary["gates"])),
+        reporting.gates_table(summary["gates"]),
         "## Base models",
-        _table(["pipeline", "attempt", "natural accuracy", "shape_only accuracy", "shape bias",
+        table(["pipeline", "attempt", "natural accuracy", "shape_only accuracy", "shape bias",
                 "best epoch"], base_rows),
         "## Verification of the shape subnetwork",
         f"Density (kept fraction of the masked weights): {density}. `trained` is the subnetwork "
         "of the base model; `random_init` the one found with the same settings in a randomly "
         "initialized model.",
-        _table(["pipeline", "source", "model", "shape_only accuracy", "natural accuracy",
+        table(["pipeline", "source", "model", "shape_only accuracy", "natural accuracy",
                 "shape bias"], verify_rows),
         "## Induction results",
         "![shape bias](shape_bias.png)",
         f"Mean over the grid and seeds of each pipeline, then over the {units} pipelines, with "
         "95% bootstrap intervals:",
-        _table(["condition", "shape bias [95%]", "natural accuracy [95%]",
+        table(["condition", "shape bias [95%]", "natural accuracy [95%]",
                 "shape_only accuracy [95%]"], interval_rows),
         "Per n (shape bias / natural accuracy / shape_only accuracy, mean over pipelines):",
-        _table(["condition", *[f"n={n}" for n in ns]], per_n_rows),
+        table(["condition", *[f"n={n}" for n in ns]], per_n_rows),
         "### Subtask Induction against each condition (paired by pipeline)",
         "Shape bias (Holm-corrected over this table):",
-        _table(header, _paired_rows(summary["subnet_vs"]["shape_bias"])),
+        table(header, _paired_rows(summary["subnet_vs"]["shape_bias"])),
         "Natural accuracy (Holm-corrected over this table):",
-        _table(header, _paired_rows(summary["subnet_vs"]["natural_accuracy"])),
+        table(header, _paired_rows(summary["subnet_vs"]["natural_accuracy"])),
         "A model at chance level scores a shape bias near 0.5 (it hits shape and texture "
         "equally rarely), so read shape bias together with accuracy. Reference shape biases "
         "(Geirhos et al. 2019): "
