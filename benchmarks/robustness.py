@@ -6,9 +6,10 @@ differently, and a preset must not depend on it), for the preset's own (base, su
 triple and for other triples of the same shape. It prints a table of how many seeds reach the
 base gate's threshold on held-out pairs, and the epochs the model took to get there.
 
-    .venv/bin/python benchmarks/robustness.py                       # 20 seeds, 4 triples
-    .venv/bin/python benchmarks/robustness.py --seeds 4 --triples 1  # a smoke run
+    .venv/bin/python benchmarks/robustness.py                        # 20 seeds, 4 triples
+    .venv/bin/python benchmarks/robustness.py --seeds 4 --triples 0  # a smoke run
     .venv/bin/python benchmarks/robustness.py --set base_fit.lr=1e-3 --json out.json
+    .venv/bin/python benchmarks/robustness.py --table a.json b.json  # one table from runs
 """
 
 from __future__ import annotations
@@ -73,7 +74,7 @@ def launch(job: tuple[int, int, str], args: argparse.Namespace) -> dict[str, Any
             **json.loads(done.stdout.strip().splitlines()[-1])}
 
 
-def table(rows: list[dict[str, Any]], threshold: float, seeds: int) -> str:
+def table(rows: list[dict[str, Any]], threshold: float) -> str:
     """Markdown: per triple and kernel set, seeds reaching the threshold and the epochs."""
     lines = ["| base | subtask | target | kernels | seeds >= threshold | lowest test acc. | "
              "epochs to best (median, max) |", "|---|---|---|---|---|---|---|"]
@@ -96,14 +97,16 @@ def table(rows: list[dict[str, Any]], threshold: float, seeds: int) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=20)
-    parser.add_argument("--triples", type=int, default=len(TRIPLES),
-                        help="how many of the built-in triples (the preset's first)")
+    parser.add_argument("--triples", default=",".join(map(str, range(len(TRIPLES)))),
+                        help="comma-separated indices of the built-in triples (0: the preset's)")
     parser.add_argument("--kernels", default="default,avx2")
     parser.add_argument("--preset", default="quick")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="config override, e.g. base_fit.lr=1e-3 (repeatable)")
     parser.add_argument("--jobs", type=int, default=len(os.sched_getaffinity(0)))
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--table", type=Path, nargs="+", metavar="JSON",
+                        help="print one table from the rows of earlier --json outputs")
     parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--triple", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
@@ -115,8 +118,12 @@ def main() -> None:
     from instill.runio import parse_assignments
 
     threshold = load_config(args.preset, None, parse_assignments(args.set)).gates.base_accuracy
+    if args.table:
+        rows = [row for path in args.table for row in json.loads(path.read_text())["rows"]]
+        return print(table(rows, threshold))
     kernels = [k.strip() for k in args.kernels.split(",")]
-    jobs = [(t, s, k) for t in range(args.triples) for s in range(args.seeds) for k in kernels]
+    triples = [int(t) for t in args.triples.split(",")]
+    jobs = [(t, s, k) for t in triples for s in range(args.seeds) for k in kernels]
     facts = machine_facts(jobs=args.jobs)
     print(f"robustness: {len(jobs)} base models ({facts})", flush=True)
     start, rows = time.perf_counter(), []
@@ -126,12 +133,12 @@ def main() -> None:
             print(f"  triple {row['triple']} seed {row['seed']:2d} {row['kernels']:7s} "
                   f"test {row['test_accuracy']:.3f} best epoch {row['best_epoch']} "
                   f"({row['seconds']:.0f} s)", flush=True)
+            if args.json:  # after every row, so a stopped run keeps what it measured
+                args.json.write_text(json.dumps({"machine": facts, "set": args.set,
+                                                 "rows": rows}, indent=1))
     print(f"\npreset {args.preset} {' '.join(args.set)}; threshold {threshold} on held-out "
           f"pairs; {time.perf_counter() - start:.0f} s wall\n")
-    print(table(rows, threshold, args.seeds))
-    if args.json:
-        args.json.write_text(json.dumps({"machine": facts, "set": args.set, "rows": rows},
-                                        indent=1))
+    print(table(rows, threshold))
 
 
 if __name__ == "__main__":
