@@ -142,7 +142,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "n_embd": 64,
         "loss": "answer",
         "activation": "gelu_pytorch_tanh",
-        "replicates": 6,
+        "replicates": 5,
         "seeds": 1,
         "base_samples": 20_000,
         "base_val": 500,
@@ -374,6 +374,11 @@ class ArithmeticRun:
         jobs = [(to_dict(cfg), str(self.run.root), self.threads, "pipeline", unit)
                 for unit in units]
         chosen = dict(zip(units, self._map(jobs, "pipelines"), strict=True))
+        for (d, r), record in chosen.items():
+            gates = record["attempts"][record["attempt"]]["gates"]
+            self.log(f"pipeline L{d}-r{r}: attempt {record['attempt']} of "
+                     f"{len(record['attempts'])}; " + ", ".join(
+                         f"{g['name']} {g['value']:.3f}" for g in gates))
         cells = [(d, r, chosen[d, r]["attempt"], n, s) for d, r in units
                  for s in range(cfg.seeds) for n in cfg.grid]
         jobs = [(to_dict(cfg), str(self.run.root), self.threads, "cell", c) for c in cells]
