@@ -55,6 +55,8 @@ def test_tiny_run_writes_every_output_well_formed(tiny_run):
     for paired in saved["subnet_vs"].values():
         assert paired["n"] == 2 and paired["p_adjusted"] >= paired["p_value"]
         assert paired["decision"] in ("better", "worse", "indistinguishable")
+    never = saved["conditions"]["random"]["never"]
+    assert (saved["conditions"]["random"]["mean_samples_to_threshold"] is None) == (never > 0)
     auc = saved["conditions"]["subnet"]["auc"]
     assert auc["low"] <= auc["mean"] <= auc["high"] and auc["n"] == 2
     assert saved["headline"].startswith("Over 2 independent pipelines")

@@ -10,6 +10,7 @@ condition as paired differences (same pipeline, same data) with a paired t-test,
 from __future__ import annotations
 
 import statistics
+import textwrap
 from collections import defaultdict
 from typing import Any
 
@@ -65,6 +66,9 @@ def summarize(cfg, rows: list[dict], verify: dict, problems: list[str],
             "samples_to_threshold": reach[c],
             "never": stats.never_count(list(reach[c].values())),
             "median_samples_to_threshold": statistics.median(reached) if reached else None,
+            # a mean needs every pipeline to get there ("never" has no value to average)
+            "mean_samples_to_threshold": (stats.bootstrap_mean(reached).to_dict()
+                                          if reached and len(reached) == len(reach[c]) else None),
             "mean_test_accuracy": {str(n): stats.bootstrap_mean(
                 [by[c][u][n] for u in by[c] if n in by[c][u]]).to_dict() for n in ns},
             "accuracy_under_alternatives": {alt: statistics.fmean(
@@ -152,13 +156,14 @@ def plot(run: RunDir, cfg, summary: dict) -> None:
     hypotheses = [("target", None), *[(a, a) for a in cfg.alternatives]]
     width = 0.8 / len(hypotheses)
     for i, (name, alt) in enumerate(hypotheses):
-        values = [conds[c]["auc"]["mean"] if alt is None
-                  else conds[c]["accuracy_under_alternatives"][alt] for c in cfg.conditions]
+        values = [statistics.fmean(v["mean"] for v in conds[c]["mean_test_accuracy"].values())
+                  if alt is None else conds[c]["accuracy_under_alternatives"][alt]
+                  for c in cfg.conditions]
         right.bar([j + i * width for j in range(len(cfg.conditions))], values, width,
-                  label=f"target {cfg.target} (AUC)" if alt is None else f"{name} (mean)")
+                  label=f"target {cfg.target}" if alt is None else name)
     right.set_xticks([j + width * (len(hypotheses) - 1) / 2 for j in range(len(cfg.conditions))],
-                     [label(c).replace(" ", "\n", 1) for c in cfg.conditions], fontsize=6)
-    right.set(ylabel="test answers matching", ylim=(0, 1.02),
+                     [textwrap.fill(label(c), 12) for c in cfg.conditions], fontsize=6)
+    right.set(ylabel="test answers matching (mean over the grid)", ylim=(0, 1.02),
               title="Which hypothesis each condition adopted")
     right.legend(fontsize=7)
     fig.tight_layout()
@@ -184,6 +189,14 @@ def differences(ours: Any, paper: Any, key: str = "") -> list[str]:
     return [] if ours == paper else [f"`{key}`: {ours} (paper: {paper})"]
 
 
+def _samples(condition: dict) -> str:
+    """Samples to the threshold: mean and interval when every pipeline got there."""
+    mean, median = condition["mean_samples_to_threshold"], condition["median_samples_to_threshold"]
+    if mean is not None:
+        return f"{stats.Interval(**mean):.0f} ({median:g})"
+    return "never" if median is None else f"median {median:g}"
+
+
 def _paired_rows(results: dict[str, dict], name: Any) -> list[list[Any]]:
     return [[name(k), f"{p['mean_diff']:+.3f} [{p['low']:+.3f}, {p['high']:+.3f}]",
              f"{p['p_value']:.2g}", f"{p['p_adjusted']:.2g}", p["n"], p["decision"]]
@@ -200,8 +213,8 @@ def markdown(cfg, summary: dict, verify: dict, paper: dict[str, Any], ours: dict
     curve_rows = [[label(c), *[f"{conds[c]['mean_test_accuracy'][str(n)]['mean']:.2f}"
                                for n in ns]] for c in cfg.conditions]
     auc_rows = [[label(c), f"{stats.Interval(**conds[c]['auc']):.3f}",
-                 conds[c]["median_samples_to_threshold"] or "never",
-                 f"{conds[c]['never']} of {len(summary['units'])}"] for c in cfg.conditions]
+                 _samples(conds[c]), f"{conds[c]['never']} of {len(summary['units'])}"]
+                for c in cfg.conditions]
     header = ["comparison", "mean AUC difference [95%]", "p", "p (Holm)", "pairs", "decision"]
     differs = differences(ours, paper)
     density = ", ".join(f"{u} {v['density']:.4f}" for u, v in verify.items())
@@ -235,8 +248,8 @@ def markdown(cfg, summary: dict, verify: dict, paper: dict[str, Any], ours: dict
         table(["condition", *[f"n={n}" for n in ns]], curve_rows),
         f"AUC ({summary['metric']}) with its 95% bootstrap interval over pipelines, and samples "
         f"to {cfg.threshold} per pipeline:",
-        table(["condition", "AUC [95%]", f"median samples to {cfg.threshold}", "never reached"],
-              auc_rows),
+        table(["condition", "AUC [95%]", f"samples to {cfg.threshold}: mean [95%] (median)",
+               "never reached"], auc_rows),
         "### Subtask Induction against each control (paired by pipeline)",
         table(header, _paired_rows(summary["subnet_vs"], label)),
         "### Where the transfer comes from",
