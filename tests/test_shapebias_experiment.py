@@ -417,7 +417,7 @@ def test_meanpool_command_mirrors_the_folder(tmp_path):
 def test_presets_and_config_checks():
     quick = load_config("quick")
     assert (quick.classes, quick.size, quick.replicates, quick.seeds, quick.grid) == \
-        (8, 32, 4, 1, [250, 1000])
+        (8, 32, 8, 1, [250, 1000])
     assert quick.discovery.mask.l0_lambda == 1e-5 and quick.conditions == list(SHAPE_CONDITIONS)
     assert quick.epochs_for(250) == 48 and quick.epochs_for(2000) == 10
     assert (quick.gates.natural_accuracy, quick.gates.texture_bias,

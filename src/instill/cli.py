@@ -91,7 +91,8 @@ def main() -> None:
 
 
 @main.command()
-@run_options("about 10 minutes on a 2-core CPU", "the paper's settings, GPU-sized")
+@run_options("5 replicate pipelines, about 14 minutes on a 2-core CPU",
+             "the paper's settings, GPU-sized")
 @click.option("--base", help="Base task expression, e.g. 'a + a*b'.")
 @click.option("--subtask", help="Subtask expression the subnetwork is found for, e.g. 'a*b'.")
 @click.option("--target", help="Target task expression, e.g. 'a^2 + a*b'.")
@@ -136,8 +137,7 @@ def arithmetic(preset, config_file, out, assignments, threads, workers, **flags)
 
 
 @main.command()
-@run_options("4 replicate pipelines: an estimated 20 CPU-minutes, about 10 minutes on a "
-             "2-core CPU",
+@run_options("8 replicate pipelines, about 12 minutes on a 2-core CPU",
              "bigger world and model, the paper's optimizers; GPU-sized")
 @click.option("--arch", help="Architecture: resnet or vit.")
 @click.option("--classes", type=int, help="Number of shape (= texture) classes, 2..12.")

@@ -234,7 +234,8 @@ def markdown(cfg, summary: dict, verify: dict, paper: dict[str, Any], ours: dict
         "## Gates",
         "Each pipeline's base model must reach the base-task threshold on held-out pairs, and "
         "its subnetwork must compute the subtask alone and be specific (ablating it must hurt "
-        "the subtask far more than ablating as many random weights). A failed attempt is "
+        "the base task, which holds the subtask, far more than ablating as many random "
+        "weights). A failed attempt is "
         "retried with the next seed; every attempt is listed."
         + (f" **Gates were overridden (`gates.enforce: false`) for "
            f"{', '.join(summary['gates_overridden'])}.**" if summary["gates_overridden"] else ""),

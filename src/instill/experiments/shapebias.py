@@ -213,7 +213,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "resnet": {"embedding_size": 16, "hidden_sizes": [16, 32, 64], "depths": [1, 1, 1]},
         "vit": {"patch_size": 8, "hidden_size": 64, "num_hidden_layers": 4,
                 "num_attention_heads": 4, "intermediate_size": 128},
-        "replicates": 4,
+        "replicates": 8,  # 4 left Subtask Induction vs random init at p_adj 0.08 (+0.08)
         "seeds": 1,
         "base_samples": 4000,
         "base_val": 500,
