@@ -1,9 +1,9 @@
-"""What the arithmetic base model knows on its plateau (validation accuracy near 0.39).
+"""What the arithmetic base model knows on its plateau (validation accuracy near 0.4).
 
 Trains the quick preset's base model for a few epochs (the plateau), then prints its accuracy on
 every pair (a, b) broken down by (a mod p, b mod p), and the distribution of its predictions.
 On `a + a*b = a * (1 + b)` mod 7 the plateau model answers every pair whose answer is 0
-(a = 0 or b = 6 mod 7) correctly and one constant otherwise: it has learnt a one-bit feature
+(a = 0 or b = 6 mod 7) correctly and mostly a constant otherwise: it has learnt a one-bit feature
 per number ("is 0" / "is 6 mod 7") but not yet the residues, whose six non-zero classes are
 symmetric for it. See docs/arithmetic.md.
 
