@@ -189,6 +189,7 @@ class ArithmeticRun:
         self.exprs: dict[str, Expression] = {
             "base": parse(cfg.base), "subtask": parse(cfg.subtask), "target": parse(cfg.target)}
         self.alternatives = [parse(a) for a in cfg.alternatives]
+        self._sources: dict[tuple[int, int, int], tuple[nn.Module, Subnetwork]] = {}
 
     def seed(self, *parts: str | int) -> int:
         return derive_seed(self.cfg.seed, *parts)
@@ -325,6 +326,16 @@ class ArithmeticRun:
                             self.log)
 
     # -- induction ------------------------------------------------------------------------------
+    def transfer_source(self, layers: int, replicate: int, attempt: int
+                        ) -> tuple[nn.Module, Subnetwork]:
+        """The chosen attempt's base model and subnetwork, read once per process (cells never
+        change them: every condition copies what it keeps)."""
+        key = (layers, replicate, attempt)
+        if key not in self._sources:
+            model = self.base_model(layers, replicate, attempt)
+            self._sources[key] = model, self.subnetwork(layers, replicate, attempt, model)
+        return self._sources[key]
+
     def splits(self, replicate: int, seed: int) -> TargetSplits:
         return make_target_splits(self.exprs["target"], self.spec, max(self.cfg.grid),
                                   self.cfg.n_val, self.cfg.n_test,
@@ -340,8 +351,7 @@ class ArithmeticRun:
             except (ValueError, KeyError, TypeError) as err:
                 raise _unusable(FileFormatError(f"{path} is not a finished cell ({err})"), path,
                                 "recompute it") from None
-        trained = self.base_model(layers, replicate, attempt)
-        sub = self.subnetwork(layers, replicate, attempt, trained)
+        trained, sub = self.transfer_source(layers, replicate, attempt)
         splits = self.splits(replicate, seed)
         train, val, test = splits.train_sequences(n), splits.val_sequences(), \
             splits.test_sequences()
