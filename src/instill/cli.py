@@ -91,7 +91,7 @@ def main() -> None:
 
 
 @main.command()
-@run_options("5 replicate pipelines, about 14 minutes on a 2-core CPU",
+@run_options("5 replicate pipelines, about 15 minutes on a 2-core CPU",
              "the paper's settings, GPU-sized")
 @click.option("--base", help="Base task expression, e.g. 'a + a*b'.")
 @click.option("--subtask", help="Subtask expression the subnetwork is found for, e.g. 'a*b'.")
