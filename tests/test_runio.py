@@ -23,17 +23,20 @@ from instill import runio
 from instill.errors import ConfigError, FileFormatError, InstillError
 from instill.runio import (
     RunDir,
-    atomic_path,
-    atomic_write_bytes,
-    atomic_write_text,
     file_sha256,
     from_dict,
     hash_files,
     load_config_file,
-    load_tensors,
     run_metadata,
-    save_tensors,
     to_dict,
+)
+from instill.storage import (
+    atomic,
+    atomic_path,
+    atomic_write_bytes,
+    atomic_write_text,
+    load_tensors,
+    save_tensors,
     write_json,
 )
 
@@ -54,7 +57,7 @@ def _leftovers(directory: Path) -> list[str]:
 def test_failed_write_keeps_old_file_and_no_temp(tmp_path, monkeypatch, step):
     target = tmp_path / "results.csv"
     target.write_text("old\n")
-    monkeypatch.setattr(runio.os, step, _enospc)
+    monkeypatch.setattr(atomic.os, step, _enospc)
     with pytest.raises(InstillError) as info:
         atomic_write_text(target, "new\n")
     monkeypatch.undo()

@@ -88,7 +88,7 @@ def test_save_load_round_trip(tmp_path):
 
 
 def test_loading_a_non_subnetwork_file_is_a_clear_error(tmp_path):
-    from instill.runio import save_tensors
+    from instill.storage import save_tensors
 
     save_tensors(tmp_path / "w.safetensors", {"x": torch.zeros(2)}, {})
     with pytest.raises(FileFormatError, match="not an instill subnetwork"):

@@ -26,13 +26,12 @@ from click.testing import CliRunner
 from test_arithmetic_experiment import TINY
 
 import instill
-from instill import runio
 from instill.checkpoint import load_model
 from instill.cli import main
 from instill.core import Subnetwork
 from instill.errors import FileFormatError
 from instill.experiments.arithmetic import load_config
-from instill.runio import RUN_FORMAT_VERSION, load_config_file, to_dict
+from instill.runio import RUN_FORMAT_VERSION, configfiles, load_config_file, to_dict
 
 torch.set_num_threads(1)
 
@@ -338,4 +337,4 @@ def test_source_never_unpickles_or_evaluates():
                 if _dotted(loader) not in _SAFE_LOADERS:
                     found.append(f"{path.name}:{node.lineno} yaml.load({_dotted(loader)})")
     assert found == []
-    assert issubclass(runio._UniqueKeyLoader, yaml.SafeLoader)
+    assert issubclass(configfiles._UniqueKeyLoader, yaml.SafeLoader)

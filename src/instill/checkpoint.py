@@ -7,7 +7,7 @@ from pathlib import Path
 from torch import nn
 
 from instill.errors import FileFormatError
-from instill.runio import load_tensors, save_tensors
+from instill.storage import load_tensors, save_tensors
 
 
 def save_model(path: str | Path, model: nn.Module, metadata: dict[str, str] | None = None) -> None:

@@ -142,7 +142,7 @@ class Subnetwork:
     # -- files -----------------------------------------------------------------------------
     def save(self, path: str | Path) -> None:
         """Write masks (safetensors, bool) and fingerprint/metadata (JSON in the header)."""
-        from instill.runio import save_tensors
+        from instill.storage import save_tensors
 
         meta = {"format": FORMAT, "version": VERSION,
                 "fingerprint": json.dumps({k: list(v) for k, v in self.fingerprint.items()}),
@@ -152,7 +152,7 @@ class Subnetwork:
     @classmethod
     def load(cls, path: str | Path) -> Subnetwork:
         """Read a file written by `save`; never unpickles."""
-        from instill.runio import load_tensors
+        from instill.storage import load_tensors
 
         tensors, meta = load_tensors(path)
         if meta.get("format") != FORMAT:

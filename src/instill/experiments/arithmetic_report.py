@@ -18,7 +18,8 @@ from instill import stats
 from instill.experiments import reporting
 from instill.experiments.common import CONDITIONS
 from instill.experiments.reporting import save_figure, table
-from instill.runio import RunDir, atomic_write_text, write_json
+from instill.runio import RunDir
+from instill.storage import atomic_write_text, write_json
 
 OURS = "subnet"
 #: Where the transfer comes from: (with, without) pairs the report compares as well.

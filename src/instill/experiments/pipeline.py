@@ -19,7 +19,8 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from instill.errors import ConfigError, InstillError
-from instill.runio import RunDir, load_config_file, write_json
+from instill.runio import RunDir, load_config_file
+from instill.storage import write_json
 
 
 def derive_seed(root: int, *parts: str | int) -> int:

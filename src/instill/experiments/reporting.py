@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from instill.runio import atomic_path, atomic_write_text
+from instill.storage import atomic_path, atomic_write_text
 
 
 def table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:

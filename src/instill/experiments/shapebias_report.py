@@ -21,7 +21,8 @@ from instill import stats
 from instill.experiments import reporting
 from instill.experiments.common import CONDITIONS
 from instill.experiments.reporting import save_figure, table
-from instill.runio import RunDir, atomic_write_text, write_json
+from instill.runio import RunDir
+from instill.storage import atomic_write_text, write_json
 from instill.tasks.shape_task import shape_preserving_augment
 from instill.tasks.shapes import preview_grid
 
