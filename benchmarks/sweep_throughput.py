@@ -18,9 +18,9 @@ differ only in how the training runs:
   rate is measured on those it finished);
 * ``reference-1t``: the same loop with 1 thread, every model (its accuracies are the
   reference's: results do not depend on the thread count);
-* ``pipeline``: instill's path, `ArithmeticRun.cell` through `map_cells` with 2 worker processes
-  of 1 thread each, with the quick preset's settings (answer-token loss, batch 64); each cell
-  loads the base model and subnetwork itself, as in `instill arithmetic`;
+* ``pipeline``: instill's path, `ArithmeticRun.run_cells` on a `LocalExecutor` of 2 worker
+  processes of 1 thread each, with the quick preset's settings (answer-token loss, batch 64);
+  each cell loads the base model and subnetwork itself, as in `instill arithmetic`;
 * ``pipeline-lm``: the same with the paper's LM loss (does the loss choice change results?);
 * ``single``: instill's `ArithmeticRun.cell` in this process, 1 thread, no workers (separates
   the effect of the workers from per-step efficiency);
@@ -61,11 +61,10 @@ from torch.utils.data import DataLoader, TensorDataset
 from instill.experiments.arithmetic import (
     ArithmeticConfig,
     ArithmeticRun,
-    _attempt_dir,
-    _worker,
     load_config,
 )
-from instill.experiments.common import PAPER_CONDITIONS, map_cells, merge, starting_model
+from instill.experiments.common import PAPER_CONDITIONS, merge, starting_model
+from instill.experiments.executors import LocalExecutor
 from instill.models import set_activation
 from instill.runio import to_dict
 
@@ -112,7 +111,7 @@ def sweep_config(args: argparse.Namespace, spec: dict[str, Any]) -> ArithmeticCo
 def fresh_run_dir(base: ArithmeticRun, parent: str) -> str:
     """A new run directory holding only the cached base model and subnetwork (no cells)."""
     out = tempfile.mkdtemp(prefix="sweep-", dir=parent)
-    where = _attempt_dir(LAYERS, REPLICATE, ATTEMPT)
+    where = base.attempt_dir((LAYERS, REPLICATE), ATTEMPT)
     for name in (f"{where}/base.safetensors", f"{where}/subnetwork.safetensors"):
         os.makedirs(os.path.join(out, os.path.dirname(name)), exist_ok=True)
         shutil.copy(base.run.path(name), os.path.join(out, name))
@@ -200,14 +199,9 @@ def pipeline_sweep(base: ArithmeticRun, cfg: ArithmeticConfig, workers: int, par
     """`ArithmeticRun.cell` for every cell, exactly as `ArithmeticRun.execute` runs them."""
     out = fresh_run_dir(base, parent)
     try:
-        cells = [(LAYERS, REPLICATE, ATTEMPT, n, s) for s in range(cfg.seeds) for n in cfg.grid]
-        if workers > 1:
-            jobs = [(to_dict(cfg), out, 1, "cell", cell) for cell in cells]
-            done = map_cells(_worker, jobs, workers, "induction")
-        else:
-            run = ArithmeticRun(cfg, out, log=lambda _: None)
-            done = map_cells(lambda cell: run.cell(*cell), cells, 1, "induction")
-        return [row for rows in done for row in rows]
+        run = ArithmeticRun(cfg, out, log=lambda _: None, executor=LocalExecutor(workers))
+        cells = run.cells({(LAYERS, REPLICATE): {"attempt": ATTEMPT}})
+        return [row for record in run.run_cells(cells) for row in record["rows"]]
     finally:
         shutil.rmtree(out, ignore_errors=True)
 
@@ -220,9 +214,9 @@ def _startup_probe(_job: Any) -> float:
 
 
 def worker_startup_s(workers: int) -> float:
-    """Wall seconds from creating a `map_cells` pool to its workers finishing a trivial job."""
+    """Wall seconds from creating a worker pool to its workers finishing a trivial job."""
     start = time.perf_counter()
-    map_cells(_startup_probe, list(range(workers)), workers, "startup")
+    LocalExecutor(workers).map(_startup_probe, list(range(workers)), "startup")
     return time.perf_counter() - start
 
 
@@ -234,7 +228,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
                      "threads": 1, "what": "the same loop with 1 thread (separates thread "
                      "oversubscription from the loop itself)"},
     "pipeline": {"kind": "pipeline", "loss": "answer", "batch": 64, "workers": 2,
-                 "threads": 1, "what": "ArithmeticRun.cell via map_cells, 2 workers x 1 thread, "
+                 "threads": 1, "what": "ArithmeticRun.run_cells, 2 workers x 1 thread, "
                  "quick preset (answer loss, batch 64)"},
     "pipeline-lm": {"kind": "pipeline", "loss": "lm", "batch": 64, "workers": 2, "threads": 1,
                     "what": "as pipeline, with the paper's LM loss"},

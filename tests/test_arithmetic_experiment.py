@@ -160,6 +160,18 @@ def test_worker_processes_give_the_same_results(tiny_run, tmp_path):
     assert (tmp_path / "results.csv").read_text() == (out / "results.csv").read_text()
 
 
+def test_workers_without_the_run_directory_give_the_same_results(tiny_run, tmp_path):
+    """Every file a cell reads is declared: workers that get only those files (as on a cluster
+    without a shared filesystem) compute the same results."""
+    from instill.experiments.arithmetic import ArithmeticRun
+    from instill.experiments.executors import LocalExecutor
+
+    cfg, out, _ = tiny_run
+    ArithmeticRun(cfg, tmp_path, log=lambda _: None, executor=LocalExecutor(2, ship=True)
+                  ).execute()
+    assert (tmp_path / "results.csv").read_text() == (out / "results.csv").read_text()
+
+
 def test_fused_gelu_option_computes_gpt2s_gelu_new():
     import copy
 
@@ -191,7 +203,7 @@ def test_fused_gelu_option_computes_gpt2s_gelu_new():
 
 
 def test_largest_cells_go_first_and_results_keep_job_order():
-    from instill.experiments.common import largest_first, map_cells
+    from instill.experiments.executors import LocalExecutor, largest_first
 
     assert largest_first([(0, 25), (0, 1600), (1, 25), (1, 400)], lambda j: j[1]) == [1, 3, 0, 2]
-    assert map_cells(abs, [-1, 5, -3, 2], workers=2, cost=abs) == [1, 5, 3, 2]
+    assert LocalExecutor(2).map(abs, [-1, 5, -3, 2], "jobs", cost=abs) == [1, 5, 3, 2]

@@ -52,8 +52,8 @@ def _fail_first_attempt(monkeypatch):
     """Attempt 0 of every pipeline fails a gate (its real phases still run and are cached)."""
     real = ArithmeticRun.attempt
 
-    def attempt(self, layers, replicate, i):
-        gates = real(self, layers, replicate, i)
+    def attempt(self, unit, i):
+        gates = real(self, unit, i)
         return [Gate("forced", 0.0, 1.0, "nothing")] if i == 0 else gates
 
     monkeypatch.setattr(ArithmeticRun, "attempt", attempt)

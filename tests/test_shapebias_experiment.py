@@ -203,6 +203,18 @@ def test_worker_processes_give_the_same_results(tiny_run, tmp_path):
         assert (tmp_path / name).read_text() == (out / name).read_text(), name
 
 
+def test_workers_without_the_run_directory_give_the_same_results(tiny_run, tmp_path):
+    """The cells declare every file they read (random_subnet's included): workers that get only
+    those files compute the same results."""
+    from instill.experiments.executors import LocalExecutor
+    from instill.experiments.shapebias import ShapeBiasRun
+
+    cfg, out, _ = tiny_run
+    ShapeBiasRun(cfg, tmp_path, **QUIET, executor=LocalExecutor(2, ship=True)).execute()
+    for name in ("results.csv", "verify.json"):
+        assert (tmp_path / name).read_text() == (out / name).read_text(), name
+
+
 def test_changed_config_in_the_same_directory_is_refused(tiny_run):
     _, out, _ = tiny_run
     with pytest.raises(ConfigError, match="rho"):

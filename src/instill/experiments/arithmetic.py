@@ -9,7 +9,6 @@ seed, all conditions on the same data), and the report with intervals over repli
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -24,15 +23,18 @@ from instill.errors import ConfigError, ExpressionError, FileFormatError, Subnet
 from instill.experiments.arithmetic_report import write_report
 from instill.experiments.common import (
     CONDITIONS,
+    PAPER_CONDITIONS,
     check_conditions,
     layered_config,
-    map_cells,
     starting_model,
     verify_subnetwork,
 )
-from instill.experiments.pipeline import Gate, GatePolicy, derive_seed, failed, run_attempts
+from instill.experiments.executors import LocalExecutor
+from instill.experiments.framework import Cell, Experiment, once, read_json, unusable
+from instill.experiments.pipeline import Gate, GatePolicy, failed
 from instill.models import build_model, check_activation
-from instill.runio import RunDir, from_dict, to_dict, write_json
+from instill.runio import to_dict
+from instill.storage import write_json
 from instill.tasks.arithmetic import (
     ArithmeticSpec,
     TargetSplits,
@@ -142,8 +144,12 @@ PRESETS: dict[str, dict[str, Any]] = {
         "n_embd": 64,
         "loss": "answer",
         "activation": "gelu_pytorch_tanh",
-        "replicates": 5,
+        # Six pipelines of the paper's conditions and the embeddings alone: five left the
+        # embeddings-only comparison undecided under AVX2; the `-fresh` variants (each as
+        # costly as random init) stay in the paper preset and `--conditions`.
+        "replicates": 6,
         "seeds": 1,
+        "conditions": [*PAPER_CONDITIONS, "embeddings_only"],
         "base_samples": 20_000,
         "base_val": 500,
         # No patience: the base model sits on a plateau for 5-60 epochs before it learns the
@@ -171,28 +177,25 @@ def load_config(preset: str | None = "paper", file_values: dict | None = None,
 
 
 # -- phases -----------------------------------------------------------------------------------
-class ArithmeticRun:
-    """One run directory: each phase reads what earlier phases wrote, and skips finished work.
+class ArithmeticRun(Experiment):
+    """One run directory of the experiment, on the shared seam (`framework.Experiment`).
 
     Layout: `pipelines/L{d}-r{r}/a{i}/` holds attempt i of replicate r at depth d (its base
     model, subnetwork and verification; `attempts.json` beside it records every attempt's
     gates), and `cells/L{d}-r{r}-a{i}-n{n}-s{s}.json` the induction cells of the chosen attempt.
     """
 
-    def __init__(self, cfg: ArithmeticConfig, out: str | Path, log=print,
-                 threads: int = 1, workers: int = 1) -> None:
-        self.cfg, self.log = cfg, log
-        self.threads, self.workers = threads, workers
-        self.run = RunDir(out)
+    name = "arithmetic"
+    config_class = ArithmeticConfig
+
+    def __init__(self, cfg: ArithmeticConfig, out: str | Path, log=print, **options: Any) -> None:
+        super().__init__(cfg, out, log, **options)
         self.spec = cfg.spec
         self.task = SequenceTask(self.spec, cfg.loss)
         self.exprs: dict[str, Expression] = {
             "base": parse(cfg.base), "subtask": parse(cfg.subtask), "target": parse(cfg.target)}
         self.alternatives = [parse(a) for a in cfg.alternatives]
         self._sources: dict[tuple[int, int, int], tuple[nn.Module, Subnetwork]] = {}
-
-    def seed(self, *parts: str | int) -> int:
-        return derive_seed(self.cfg.seed, *parts)
 
     def build(self, layers: int) -> nn.Module:
         return build_model("gpt2", vocab_size=self.spec.vocab_size, n_positions=4,
@@ -224,21 +227,29 @@ class ArithmeticRun:
                                   (val_test[0][k:], val_test[1][k:])))
 
     def prepare(self) -> list[str]:
-        """Check the config against an earlier run in the same directory; record it."""
-        problems = check_ambiguity(self.exprs["target"], self.alternatives, self.spec)
+        """Fail on targets that match nothing before training; warn of ambiguous targets."""
         mask = self.cfg.discovery.mask
-        with torch.random.fork_rng(devices=[]):  # fail before training, not after it
+        with torch.random.fork_rng(devices=[]):
             for layers in self.cfg.layers:
                 select_parameters(self.build(layers), mask.targets, mask.exclude, mask.mask_bias)
-        self.run.begin(to_dict(self.cfg), self.cfg.seed, self.log, mutable=["gates"])
-        return problems
+        return check_ambiguity(self.exprs["target"], self.alternatives, self.spec)
+
+    def pipelines(self) -> list[tuple[int, int]]:
+        return [(d, r) for d in self.cfg.layers for r in range(self.cfg.replicates)]
+
+    def pipeline_dir(self, unit: tuple) -> str:
+        layers, replicate = unit
+        return f"pipelines/L{layers}-r{replicate}"
 
     # -- one attempt of one pipeline: base model, subnetwork, verification, gates --------------
     def base_phase(self, layers: int, replicate: int, attempt: int = 0) -> dict[str, Any]:
         """Phase 1: train the base model of this attempt unless its files exist; its record."""
-        where = _attempt_dir(layers, replicate, attempt)
-        if self.run.exists(f"{where}/base.json") and self.run.exists(f"{where}/base.safetensors"):
-            return json.loads(self.run.path(f"{where}/base.json").read_text())
+        where = self.attempt_dir((layers, replicate), attempt)
+        once(self.run, [f"{where}/base.json", f"{where}/base.safetensors"],
+             lambda: self._train_base(layers, replicate, attempt, where))
+        return read_json(self.run, f"{where}/base.json", "retrain it")
+
+    def _train_base(self, layers: int, replicate: int, attempt: int, where: str) -> None:
         seed = self.seed("base", layers, replicate, attempt)
         torch.manual_seed(seed)
         model = self.build(layers)
@@ -253,64 +264,67 @@ class ArithmeticRun:
         write_json(self.run.path(f"{where}/base.json"), info)
         self.log(f"base L{layers} r{replicate} a{attempt}: `{self.cfg.base}` held-out test "
                  f"accuracy {info['test_accuracy']:.3f} (epoch {result.best_epoch})")
-        return info
 
     def base_model(self, layers: int, replicate: int, attempt: int) -> nn.Module:
-        path = self.run.path(f"{_attempt_dir(layers, replicate, attempt)}/base.safetensors")
+        path = self.run.path(f"{self.attempt_dir((layers, replicate), attempt)}/base.safetensors")
         model = self.build(layers)
         try:
             load_model(path, model)
         except FileFormatError as err:
-            raise _unusable(err, path, "retrain it") from None
+            raise unusable(err, path, "retrain it") from None
         return model.eval()
 
     def subnetwork(self, layers: int, replicate: int, attempt: int,
                    model: nn.Module) -> Subnetwork:
         """Phase 2: discover (or load) the subnetwork for the subtask."""
-        path = self.run.path(f"{_attempt_dir(layers, replicate, attempt)}/subnetwork.safetensors")
-        if not path.exists():
-            seed = self.seed("discovery", layers, replicate, attempt)
-            torch.manual_seed(seed)  # anything drawn from the global generator is seeded too
-            data = self.sequences("subtask", self.cfg.subtask_samples, seed)
-            sub, history = discover(model, [data], self.task.loss, self.cfg.discovery, seed=seed,
-                                    desc=f"discover L{layers} r{replicate}")
-            write_json(path.with_suffix(".json"), {"history": history})
-            Subnetwork(sub.masks, sub.fingerprint,
-                       {**sub.metadata, "subtask": self.cfg.subtask, "layers": str(layers)}
-                       ).save(path)
+        name = f"{self.attempt_dir((layers, replicate), attempt)}/subnetwork.safetensors"
+        once(self.run, [name], lambda: self._discover(layers, replicate, attempt, model, name))
+        path = self.run.path(name)
         try:  # read back even when just written: a resumed run sees the same mask order
             sub = Subnetwork.load(path)
             sub.check_model(model)
         except (FileFormatError, SubnetworkMismatchError) as err:
-            raise _unusable(err, path, "rediscover it") from None
+            raise unusable(err, path, "rediscover it") from None
         return sub
+
+    def _discover(self, layers: int, replicate: int, attempt: int, model: nn.Module,
+                  name: str) -> None:
+        seed = self.seed("discovery", layers, replicate, attempt)
+        torch.manual_seed(seed)  # anything drawn from the global generator is seeded too
+        data = self.sequences("subtask", self.cfg.subtask_samples, seed)
+        sub, history = discover(model, [data], self.task.loss, self.cfg.discovery, seed=seed,
+                                desc=f"discover L{layers} r{replicate}")
+        path = self.run.path(name)
+        write_json(path.with_suffix(".json"), {"history": history})
+        Subnetwork(sub.masks, sub.fingerprint,
+                   {**sub.metadata, "subtask": self.cfg.subtask, "layers": str(layers)}
+                   ).save(path)
 
     def verify(self, layers: int, replicate: int, attempt: int, model: nn.Module,
                sub: Subnetwork) -> dict[str, Any]:
         """Phase 3: the subnetwork alone, ablated, and a same-size random ablation."""
-        name = f"{_attempt_dir(layers, replicate, attempt)}/verify.json"
-        if self.run.exists(name):
-            return json.loads(self.run.path(name).read_text())
-        seed = self.seed("verify", layers, replicate, attempt)
-        sets = {kind: self.sequences(kind, 2000, seed + i)
-                for i, kind in enumerate(("subtask", "base"))}
-        metrics = {k: (lambda m, s=s: self.task.accuracy(m, s)) for k, s in sets.items()}
-        result = verify_subnetwork(model, sub, metrics, seed)
-        write_json(self.run.path(name), result)
-        return result
+        name = f"{self.attempt_dir((layers, replicate), attempt)}/verify.json"
 
-    def attempt(self, layers: int, replicate: int, attempt: int) -> list[Gate]:
+        def compute() -> None:
+            seed = self.seed("verify", layers, replicate, attempt)
+            sets = {kind: self.sequences(kind, 2000, seed + i)
+                    for i, kind in enumerate(("subtask", "base"))}
+            metrics = {k: (lambda m, s=s: self.task.accuracy(m, s)) for k, s in sets.items()}
+            write_json(self.run.path(name), verify_subnetwork(model, sub, metrics, seed))
+
+        once(self.run, [name], compute)
+        return read_json(self.run, name)
+
+    def attempt(self, unit: tuple, attempt: int) -> list[Gate]:
         """One attempt of a pipeline, up to the first gate it fails."""
-        gates = self.cfg.gates
+        (layers, replicate), gates = unit, self.cfg.gates
         base = self.base_phase(layers, replicate, attempt)
         checks = [Gate("base accuracy", base["test_accuracy"], gates.base_accuracy,
                        "the base model did not learn its task on held-out pairs: train longer "
                        "(base_fit.epochs), with more data (base_samples) or another lr")]
-        if failed(checks) and gates.enforce:  # overridden gates still need every phase
+        if failed(checks):
             return checks
-        model = self.base_model(layers, replicate, attempt)
-        sub = self.subnetwork(layers, replicate, attempt, model)
-        acc = self.verify(layers, replicate, attempt, model, sub)["accuracy"]
+        acc = self.complete(unit, attempt)["accuracy"]
         alone = acc["subnetwork only"]["subtask"]
         margin = acc["random same-size ablated"]["base"] - acc["subnetwork ablated"]["base"]
         fix = ("discovery did not find a subnetwork for the subtask: train the masks longer "
@@ -319,11 +333,11 @@ class ArithmeticRun:
                 Gate("subnetwork alone on subtask", alone, gates.subnetwork_accuracy, fix),
                 Gate("ablation specificity", margin, gates.ablation_margin, fix)]
 
-    def pipeline(self, layers: int, replicate: int) -> dict[str, Any]:
-        """Attempts of one replicate until its gates pass (`pipeline.run_attempts`)."""
-        return run_attempts(self.run, _pipeline_dir(layers, replicate),
-                            lambda i: self.attempt(layers, replicate, i), self.cfg.gates,
-                            self.log)
+    def complete(self, unit: tuple, attempt: int) -> dict[str, Any]:
+        """The subnetwork and verification of an attempt (the cells need them even when gates
+        are overridden after a failed base model); the verification record."""
+        model = self.base_model(*unit, attempt)
+        return self.verify(*unit, attempt, model, self.subnetwork(*unit, attempt, model))
 
     # -- induction ------------------------------------------------------------------------------
     def transfer_source(self, layers: int, replicate: int, attempt: int
@@ -341,16 +355,19 @@ class ArithmeticRun:
                                   self.cfg.n_val, self.cfg.n_test,
                                   seed=self.seed("target", replicate, seed))
 
+    def cells(self, chosen: dict[tuple, dict[str, Any]]) -> list[Cell]:
+        """Every (pipeline, seed, n): its conditions trained on the same target data."""
+        out = []
+        for (d, r), record in chosen.items():
+            where, i = self.attempt_dir((d, r), record["attempt"]), record["attempt"]
+            out += [Cell(f"L{d}-r{r}-a{i}-n{n}-s{s}", (d, r, i, n, s),
+                         (f"{where}/base.safetensors", f"{where}/subnetwork.safetensors"), n)
+                    for s in range(self.cfg.seeds) for n in self.cfg.grid]
+        return out
+
     def cell(self, layers: int, replicate: int, attempt: int, n: int, seed: int
-             ) -> list[dict[str, Any]]:
-        """Phase 4 unit of work: every condition trained on the same target data."""
-        path = self.run.path(f"cells/L{layers}-r{replicate}-a{attempt}-n{n}-s{seed}.json")
-        if path.exists():
-            try:
-                return json.loads(path.read_text())["rows"]
-            except (ValueError, KeyError, TypeError) as err:
-                raise _unusable(FileFormatError(f"{path} is not a finished cell ({err})"), path,
-                                "recompute it") from None
+             ) -> dict[str, Any]:
+        """Phase 4 unit of work: every condition trained on the same target data; its rows."""
         trained, sub = self.transfer_source(layers, replicate, attempt)
         splits = self.splits(replicate, seed)
         train, val, test = splits.train_sequences(n), splits.val_sequences(), \
@@ -371,80 +388,23 @@ class ArithmeticRun:
             for alt in self.alternatives:
                 row[f"accuracy[{alt}]"] = _acc(pred, test, alt, self.spec)
             rows.append(row)
-        write_json(path, {"rows": rows})
-        return rows
+        return {"rows": rows}
 
-    def execute(self) -> dict[str, Any]:
-        """Run every phase (resuming finished work) and write the report."""
-        problems = self.prepare()
-        for problem in problems:
-            self.log(f"warning: {problem}")
-        cfg = self.cfg
-        units = [(d, r) for d in cfg.layers for r in range(cfg.replicates)]
-        jobs = [(to_dict(cfg), str(self.run.root), self.threads, "pipeline", unit)
-                for unit in units]
-        chosen = dict(zip(units, self._map(jobs, "pipelines"), strict=True))
-        for (d, r), record in chosen.items():
-            gates = record["attempts"][record["attempt"]]["gates"]
-            self.log(f"pipeline L{d}-r{r}: attempt {record['attempt']} of "
-                     f"{len(record['attempts'])}; " + ", ".join(
-                         f"{g['name']} {g['value']:.3f}" for g in gates))
-        cells = [(d, r, chosen[d, r]["attempt"], n, s) for d, r in units
-                 for s in range(cfg.seeds) for n in cfg.grid]
-        jobs = [(to_dict(cfg), str(self.run.root), self.threads, "cell", c) for c in cells]
-        rows = [row for cell_rows in self._map(jobs, "induction", cost=lambda j: j[4][3])
-                for row in cell_rows]
-        verify = {f"L{d}-r{r}": json.loads(self.run.path(
-            f"{_attempt_dir(d, r, chosen[d, r]['attempt'])}/verify.json").read_text())
-            for d, r in units}
+    def report(self, chosen: dict[tuple, dict[str, Any]], cells: list[Cell],
+               records: list[dict[str, Any]]) -> dict[str, Any]:
+        rows = [row for record in records for row in record["rows"]]
+        verify = {f"L{d}-r{r}": read_json(self.run, f"{self.attempt_dir((d, r), c['attempt'])}"
+                                          "/verify.json") for (d, r), c in chosen.items()}
         write_json(self.run.path("verify.json"), verify)
-        outputs = [f"{_attempt_dir(d, r, c['attempt'])}/{name}" for (d, r), c in chosen.items()
-                   for name in ("base.safetensors", "base.json", "subnetwork.safetensors",
-                                "subnetwork.json", "verify.json")]
-        outputs += [f"{_pipeline_dir(d, r)}/attempts.json" for d, r in units]
-        outputs += [f"cells/L{d}-r{r}-a{i}-n{n}-s{s}.json" for d, r, i, n, s in cells]
-        self.run.record_outputs(outputs)
-        return write_report(self.run, cfg, rows, verify, problems,
+        return write_report(self.run, self.cfg, rows, verify, self.warnings,
                             {f"L{d}-r{r}": c for (d, r), c in chosen.items()},
-                            to_dict(ArithmeticConfig()), to_dict(cfg))
-
-    def _map(self, jobs: list[tuple], desc: str, cost=None) -> list[Any]:
-        """Run pipeline or cell jobs here (one worker) or in worker processes."""
-        if self.workers > 1:
-            return map_cells(_worker, jobs, self.workers, desc, cost=cost)
-        return map_cells(lambda job: _do(self, job[3], job[4]), jobs, 1, desc)
-
-
-def _pipeline_dir(layers: int, replicate: int) -> str:
-    return f"pipelines/L{layers}-r{replicate}"
-
-
-def _attempt_dir(layers: int, replicate: int, attempt: int) -> str:
-    return f"{_pipeline_dir(layers, replicate)}/a{attempt}"
-
-
-def _unusable(err: Exception, path: Path, redo: str) -> FileFormatError:
-    """A damaged or foreign file in the run directory: say which, and how to redo it."""
-    return FileFormatError(f"{err}; delete {path} and rerun the same command to {redo}")
+                            to_dict(ArithmeticConfig()), to_dict(self.cfg))
 
 
 def _acc(pred: Tensor, seqs: Tensor, expr: Expression, spec: ArithmeticSpec) -> float:
     """Fraction of predictions equal to `expr` on the test pairs (target or an alternative)."""
     truth = expr.evaluate(seqs[:, 0], seqs[:, 1], spec.modulus)
     return (pred == truth).float().mean().item()
-
-
-def _do(run: ArithmeticRun, kind: str, unit: tuple) -> Any:
-    return run.pipeline(*unit) if kind == "pipeline" else run.cell(*unit)
-
-
-def _worker(job: tuple) -> Any:
-    """A pipeline or an induction cell in a worker process (it reads what earlier phases
-    wrote to the run directory)."""
-    config, out, threads, kind, unit = job
-    torch.set_num_threads(threads)
-    run = ArithmeticRun(from_dict(ArithmeticConfig, config), out, log=lambda _: None)
-    return _do(run, kind, unit)
 
 
 def run_arithmetic(cfg: ArithmeticConfig, out: str | Path, log=print, threads: int = 1,
@@ -456,7 +416,8 @@ def run_arithmetic(cfg: ArithmeticConfig, out: str | Path, log=print, threads: i
     run pipelines and induction cells side by side; results do not depend on either.
     """
     torch.set_num_threads(threads)
-    return ArithmeticRun(cfg, out, log, threads, workers).execute()
+    return ArithmeticRun(cfg, out, log, threads=threads,
+                         executor=LocalExecutor(workers)).execute()
 
 
 __all__ = ["PRESETS", "ArithmeticConfig", "ArithmeticGates", "ArithmeticRun", "load_config",

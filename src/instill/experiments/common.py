@@ -4,15 +4,12 @@ and the verification of a discovered subnetwork."""
 from __future__ import annotations
 
 import copy
-import multiprocessing
-import signal
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from instill.core import Subnetwork, apply_subnetwork, fresh_init, transplant
 from instill.errors import ConfigError
@@ -154,45 +151,3 @@ def verify_subnetwork(model: nn.Module, sub: Subnetwork,
             rows[label] = {k: f(model) for k, f in metrics.items()}
     return {"accuracy": rows, "density": sub.density(), "kept": sub.kept(),
             "per_layer_density": sub.per_layer_density()}
-
-
-def _ignore_sigint() -> None:
-    """Workers leave Ctrl-C to the parent, which stops them all and prints how to resume."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
-def _indexed(job: tuple[Callable[[Any], Any], int, Any]) -> tuple[int, Any]:
-    worker, index, args = job
-    return index, worker(args)
-
-
-def largest_first(jobs: Sequence[Any], cost: Callable[[Any], float]) -> list[int]:
-    """Job indices by decreasing cost (ties keep their order)."""
-    return sorted(range(len(jobs)), key=lambda i: -cost(jobs[i]))
-
-
-def map_cells(worker: Callable[[Any], Any], jobs: Sequence[Any], workers: int = 1,
-              desc: str = "cells", cost: Callable[[Any], float] | None = None) -> list[Any]:
-    """`[worker(job) for job in jobs]`, in `workers` processes when more than one.
-
-    Cells are independent and seeded, so the results do not depend on `workers`. `worker` must
-    be a module-level function (it is sent to fresh `spawn` processes). With `cost`, workers
-    take the most expensive jobs first, so no worker is left alone with a big one at the end.
-    """
-    if workers <= 1 or len(jobs) <= 1:
-        return [worker(job) for job in tqdm(jobs, desc=desc, disable=None)]
-    results: list[Any] = [None] * len(jobs)
-    order = largest_first(jobs, cost) if cost else range(len(jobs))
-    pool = multiprocessing.get_context("spawn").Pool(min(workers, len(jobs)), _ignore_sigint)
-    try:
-        tasks = [(worker, i, jobs[i]) for i in order]
-        for index, result in tqdm(pool.imap_unordered(_indexed, tasks), total=len(jobs),
-                                  desc=desc, disable=None):
-            results[index] = result
-        pool.close()
-    except BaseException:
-        pool.terminate()
-        raise
-    finally:
-        pool.join()
-    return results

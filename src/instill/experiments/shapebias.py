@@ -23,7 +23,6 @@ Real image folders (`train_dir`, `shape_dir`, `cue_conflict_dir`) replace the ge
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -42,14 +41,16 @@ from instill.experiments.common import (
     PAPER_CONDITIONS,
     check_conditions,
     layered_config,
-    map_cells,
     starting_model,
     verify_subnetwork,
 )
-from instill.experiments.pipeline import Gate, GatePolicy, derive_seed, failed, run_attempts
+from instill.experiments.executors import LocalExecutor
+from instill.experiments.framework import Cell, Experiment, once, read_json
+from instill.experiments.pipeline import Gate, GatePolicy, failed
 from instill.experiments.shapebias_report import write_report
 from instill.models import build_model
-from instill.runio import RunDir, from_dict, to_dict, write_json
+from instill.runio import to_dict
+from instill.storage import write_json
 from instill.tasks.images import ImageSet
 from instill.tasks.shape_task import (
     AugmentConfig,
@@ -261,8 +262,8 @@ def capped_complement(sub: Subnetwork, generator: torch.Generator) -> tuple[Subn
 
 
 # -- phases -----------------------------------------------------------------------------------
-class ShapeBiasRun:
-    """One run directory: each phase reads what earlier phases wrote, and skips finished work.
+class ShapeBiasRun(Experiment):
+    """One run directory of the experiment, on the shared seam (`framework.Experiment`).
 
     Layout: `pipelines/r{r}/a{i}/` holds attempt i of replicate r (its base model, subnetwork,
     verification and, with `random_subnet`, the random-init control; `attempts.json` beside it
@@ -270,12 +271,12 @@ class ShapeBiasRun:
     chosen attempt.
     """
 
-    def __init__(self, cfg: ShapeBiasConfig, out: str | Path, log=print, device: str = "cpu",
-                 threads: int = 1, workers: int = 1) -> None:
+    name = "shapebias"
+    config_class = ShapeBiasConfig
+
+    def __init__(self, cfg: ShapeBiasConfig, out: str | Path, log=print, **options: Any) -> None:
         check_dirs(cfg)  # before the output directory is made
-        self.cfg, self.log, self.device = cfg, log, torch.device(device)
-        self.threads, self.workers = threads, workers
-        self.run = RunDir(out)
+        super().__init__(cfg, out, log, **options)
         self.task = ImageTask(cfg.augment)
         self._data: ShapeBiasData | None = None
 
@@ -284,9 +285,6 @@ class ShapeBiasRun:
         if self._data is None:
             self._data = load_data(self.cfg)
         return self._data
-
-    def seed(self, *parts: str | int) -> int:
-        return derive_seed(self.cfg.seed, *parts)
 
     def tensors(self, data: ImageSet) -> list[Tensor]:
         return [data.images.to(self.device), data.labels.to(self.device)]
@@ -329,17 +327,22 @@ class ShapeBiasRun:
         return ("trained", "random_init") if "random_subnet" in self.cfg.conditions \
             else ("trained",)
 
-    def prepare(self) -> None:
-        """Check the config against an earlier run in the same directory; record it."""
-        self.run.begin(to_dict(self.cfg), self.cfg.seed, self.log, mutable=["gates"])
+    def pipelines(self) -> list[tuple[int]]:
+        return [(r,) for r in range(self.cfg.replicates)]
+
+    def pipeline_dir(self, unit: tuple) -> str:
+        return f"pipelines/r{unit[0]}"
 
     # -- one attempt of one pipeline: base model, subnetwork, verification, gates --------------
     def base_phase(self, replicate: int, attempt: int) -> dict[str, Any]:
         """Phase 1: train the base model of this attempt on natural images unless its files
         exist; its record."""
         where = _attempt_dir(replicate, attempt)
-        if self.run.exists(f"{where}/base.json") and self.run.exists(f"{where}/base.safetensors"):
-            return json.loads(self.run.path(f"{where}/base.json").read_text())
+        once(self.run, [f"{where}/base.json", f"{where}/base.safetensors"],
+             lambda: self._train_base(replicate, attempt, where))
+        return read_json(self.run, f"{where}/base.json", "retrain it")
+
+    def _train_base(self, replicate: int, attempt: int, where: str) -> None:
         seed = self.seed("base", replicate, attempt)
         torch.manual_seed(seed)
         model = self.build()
@@ -358,25 +361,26 @@ class ShapeBiasRun:
         self.log(f"base r{replicate} a{attempt}: natural accuracy {info['natural_accuracy']:.3f}, "
                  f"shape_only {info['shape_only_accuracy']:.3f}, shape bias "
                  f"{_fmt(info['shape_bias'])} (epoch {result.best_epoch})")
-        return info
 
     def model(self, replicate: int, attempt: int, kind: str) -> nn.Module:
         """The `trained` base model, or the `random_init` one of the same architecture (drawn
         and saved the first time it is asked for)."""
         name = f"{_attempt_dir(replicate, attempt)}/{'base' if kind == 'trained' else kind}" \
                ".safetensors"
-        if kind == "random_init" and not self.run.exists(name):
-            model = fresh_init(self.model(replicate, attempt, "trained"),
-                               self.seed("random_init", replicate, attempt))
-            save_model(self.run.path(name), model, {"arch": self.cfg.arch, "note": "random init"})
+        if kind == "random_init":
+            once(self.run, [name], lambda: save_model(
+                self.run.path(name), fresh_init(self.model(replicate, attempt, "trained"),
+                                                self.seed("random_init", replicate, attempt)),
+                {"arch": self.cfg.arch, "note": "random init"}))
         return self.load(name)
 
     def subnetwork(self, replicate: int, attempt: int, kind: str, model: nn.Module) -> Subnetwork:
         """Phase 2: discover (or load) the shape subnetwork of the `trained` or `random_init`
         model on shape_only images (the same settings and seed for both)."""
-        path = self.run.path(f"{_attempt_dir(replicate, attempt)}/{_prefix(kind)}subnetwork"
-                             ".safetensors")
-        if not path.exists():
+        name = f"{_attempt_dir(replicate, attempt)}/{_prefix(kind)}subnetwork.safetensors"
+        path = self.run.path(name)
+
+        def compute() -> None:
             seed, start = self.seed("discovery", replicate, attempt), time.perf_counter()
             sub, history = discover(model, self.tensors(self.data.shape_train), self.task.loss,
                                     self.cfg.discovery, seed=seed,
@@ -388,6 +392,8 @@ class ShapeBiasRun:
                         "arch": self.cfg.arch}).save(path)
             self.log(f"subnetwork ({kind}) r{replicate} a{attempt}: density "
                      f"{sub.density():.4f} ({sub.kept()} weights)")
+
+        once(self.run, [name], compute)
         # Read it back even when just written: the file's mask order (which seeded random
         # controls consume) is then the same in this run and in a resumed one.
         sub = Subnetwork.load(path)
@@ -398,20 +404,18 @@ class ShapeBiasRun:
                sub: Subnetwork) -> dict[str, Any]:
         """The subnetwork alone, ablated, and a same-size random ablation."""
         name = f"{_attempt_dir(replicate, attempt)}/{_prefix(kind)}verify.json"
-        if self.run.exists(name):
-            return json.loads(self.run.path(name).read_text())
         metrics = {
             "shape_only": lambda m: self.task.accuracy(m, self.data.shape_eval),
             "natural": lambda m: self.task.accuracy(m, self.data.test),
             "shape_bias": lambda m: self.task.shape_bias(m, self.data.cue_conflict)["shape_bias"],
         }
-        result = verify_subnetwork(model, sub, metrics, self.seed("verify", replicate, attempt))
-        write_json(self.run.path(name), result)
-        return result
+        once(self.run, [name], lambda: write_json(self.run.path(name), verify_subnetwork(
+            model, sub, metrics, self.seed("verify", replicate, attempt))))
+        return read_json(self.run, name)
 
-    def attempt(self, replicate: int, attempt: int) -> list[Gate]:
+    def attempt(self, unit: tuple, attempt: int) -> list[Gate]:
         """One attempt of a pipeline, up to the first gate it fails."""
-        gates = self.cfg.gates
+        (replicate,), gates = unit, self.cfg.gates
         base = self.base_phase(replicate, attempt)
         bias = base["shape_bias"]
         checks = [
@@ -437,17 +441,13 @@ class ShapeBiasRun:
                 Gate("subnetwork alone on shape_only", alone, gates.subnetwork_accuracy, fix),
                 Gate("ablation specificity", margin, gates.ablation_margin, fix)]
 
-    def pipeline(self, replicate: int) -> dict[str, Any]:
-        """Attempts of one replicate until its gates pass (`pipeline.run_attempts`), then what
-        the cells need of the chosen one: its subnetwork and verification (not yet there when
-        gates are overridden after an early failure) and the random-init control."""
-        chosen = run_attempts(self.run, _pipeline_dir(replicate),
-                              lambda i: self.attempt(replicate, i), self.cfg.gates, self.log)
+    def complete(self, unit: tuple, attempt: int) -> None:
+        """What the cells need of the chosen attempt: its subnetwork and verification (not yet
+        there when gates are overridden after an early failure) and the random-init control."""
         for kind in self.kinds:
-            model = self.model(replicate, chosen["attempt"], kind)
-            self.verify(replicate, chosen["attempt"], kind, model,
-                        self.subnetwork(replicate, chosen["attempt"], kind, model))
-        return chosen
+            model = self.model(unit[0], attempt, kind)
+            self.verify(unit[0], attempt, kind, model,
+                        self.subnetwork(unit[0], attempt, kind, model))
 
     # -- induction ------------------------------------------------------------------------------
     def start(self, condition: str, replicate: int, attempt: int, trained: nn.Module,
@@ -477,9 +477,6 @@ class ShapeBiasRun:
     def cell(self, replicate: int, attempt: int, n: int, seed: int) -> dict[str, Any]:
         """Phase 3 unit of work: every condition trained on the same n natural images; its rows
         and notes."""
-        path = self.run.path(f"cells/r{replicate}-a{attempt}-n{n}-s{seed}.json")
-        if path.exists():
-            return json.loads(path.read_text())
         trained = self.model(replicate, attempt, "trained")
         sub = self.subnetwork(replicate, attempt, "trained", trained)
         train = self.tensors(self.data.pool(replicate, seed).subset(range(n)))
@@ -501,51 +498,39 @@ class ShapeBiasRun:
                          "condition": condition, **self.evaluate(model),
                          "val_accuracy": result.best_score, "best_epoch": result.best_epoch,
                          "epochs": epochs, "seconds": time.perf_counter() - start})
-        record = {"rows": rows, "notes": notes}
-        write_json(path, record)
-        return record
+        return {"rows": rows, "notes": notes}
 
     def cost(self, n: int) -> float:
         """A cell's relative cost: its epochs over n training and n_val validation images (a
         training step costs about three forward passes)."""
         return self.cfg.epochs_for(n) * (3 * n + self.cfg.n_val)
 
-    def execute(self) -> dict[str, Any]:
-        """Run every phase (resuming finished work) and write the report."""
-        self.prepare()
-        cfg, units = self.cfg, list(range(self.cfg.replicates))
-        chosen = dict(zip(units, self._map("pipeline", [(r,) for r in units], "pipelines"),
-                          strict=True))
-        cells = [(r, chosen[r]["attempt"], n, s) for r in units for s in range(cfg.seeds)
-                 for n in cfg.grid]
-        records = self._map("cell", cells, "induction", cost=lambda job: self.cost(job[5][2]))
+    def cells(self, chosen: dict[tuple, dict[str, Any]]) -> list[Cell]:
+        """Every (pipeline, seed, n): its conditions trained on the same natural images."""
+        files = ["base.safetensors", "subnetwork.safetensors"]
+        if "random_subnet" in self.cfg.conditions:
+            files += ["random_init.safetensors", "random_init_subnetwork.safetensors"]
+        out = []
+        for (r,), record in chosen.items():
+            i = record["attempt"]
+            inputs = tuple(f"{_attempt_dir(r, i)}/{f}" for f in files)
+            out += [Cell(f"r{r}-a{i}-n{n}-s{s}", (r, i, n, s), inputs, self.cost(n))
+                    for s in range(self.cfg.seeds) for n in self.cfg.grid]
+        return out
+
+    def report(self, chosen: dict[tuple, dict[str, Any]], cells: list[Cell],
+               records: list[dict[str, Any]]) -> dict[str, Any]:
         rows = [row for record in records for row in record["rows"]]
-        notes = {f"r{c[0]} {k}": v for c, record in zip(cells, records, strict=True)
+        notes = {f"r{c.unit[0]} {k}": v for c, record in zip(cells, records, strict=True)
                  for k, v in record["notes"].items()}
-        dirs = {f"r{r}": _attempt_dir(r, chosen[r]["attempt"]) for r in units}
-        verify = {u: {k: self._json(f"{d}/{_prefix(k)}verify.json") for k in self.kinds}
+        dirs = {f"r{r}": _attempt_dir(r, c["attempt"]) for (r,), c in chosen.items()}
+        verify = {u: {k: read_json(self.run, f"{d}/{_prefix(k)}verify.json") for k in self.kinds}
                   for u, d in dirs.items()}
-        bases = {u: self._json(f"{d}/base.json") for u, d in dirs.items()}
+        bases = {u: read_json(self.run, f"{d}/base.json") for u, d in dirs.items()}
         write_json(self.run.path("verify.json"), verify)
-        outputs = [f"{d}/{p.name}" for d in dirs.values()
-                   for p in sorted(self.run.path(d).iterdir())]
-        outputs += [f"{_pipeline_dir(r)}/attempts.json" for r in units]
-        outputs += [f"cells/r{r}-a{i}-n{n}-s{s}.json" for r, i, n, s in cells]
-        self.run.record_outputs(outputs)
-        return write_report(self.run, cfg, rows, verify, bases,
-                            {f"r{r}": c for r, c in chosen.items()}, self.data, notes,
-                            to_dict(ShapeBiasConfig()), to_dict(cfg))
-
-    def _json(self, name: str) -> Any:
-        return json.loads(self.run.path(name).read_text())
-
-    def _map(self, kind: str, units: list[tuple], desc: str, cost=None) -> list[Any]:
-        """Run pipeline or cell jobs here (one worker) or in worker processes."""
-        jobs = [(to_dict(self.cfg), str(self.run.root), self.threads, str(self.device), kind,
-                 unit) for unit in units]
-        if self.workers > 1:
-            return map_cells(_worker, jobs, self.workers, desc, cost=cost)
-        return map_cells(lambda job: _do(self, job[4], job[5]), jobs, 1, desc)
+        return write_report(self.run, self.cfg, rows, verify, bases,
+                            {f"r{r}": c for (r,), c in chosen.items()}, self.data, notes,
+                            to_dict(ShapeBiasConfig()), to_dict(self.cfg))
 
 
 def _pipeline_dir(replicate: int) -> str:
@@ -565,20 +550,6 @@ def _fmt(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.3f}"
 
 
-def _do(run: ShapeBiasRun, kind: str, unit: tuple) -> Any:
-    return run.pipeline(*unit) if kind == "pipeline" else run.cell(*unit)
-
-
-def _worker(job: tuple) -> Any:
-    """A pipeline or an induction cell in a worker process (it reads what earlier phases
-    wrote to the run directory)."""
-    config, out, threads, device, kind, unit = job
-    torch.set_num_threads(threads)
-    run = ShapeBiasRun(from_dict(ShapeBiasConfig, config), out, log=lambda _: None,
-                       device=device)
-    return _do(run, kind, unit)
-
-
 def run_shapebias(cfg: ShapeBiasConfig, out: str | Path, log=print, threads: int = 1,
                   device: str = "cpu", workers: int = 1) -> dict[str, Any]:
     """Run the whole experiment into `out`; returns the summary.
@@ -588,7 +559,8 @@ def run_shapebias(cfg: ShapeBiasConfig, out: str | Path, log=print, threads: int
     pipelines and induction cells side by side on `device`; results do not depend on either.
     """
     torch.set_num_threads(threads)
-    return ShapeBiasRun(cfg, out, log, device, threads, workers).execute()
+    return ShapeBiasRun(cfg, out, log, threads=threads, device=device,
+                        executor=LocalExecutor(workers)).execute()
 
 
 __all__ = ["ALL_SHAPE_CONDITIONS", "PRESETS", "SHAPE_CONDITIONS", "AugmentConfig", "ImageTask",
