@@ -13,10 +13,8 @@ Real-data counterparts of the generated world in `instill.tasks.shapes`:
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +25,7 @@ import torch
 from torch.utils.data import Dataset
 
 from instill.errors import ConfigError, FileFormatError
+from instill.storage import atomic_path
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 SEGMENTATION_METHODS = ("slic", "felzenszwalb")
@@ -379,16 +378,9 @@ def _atomic_save(array: np.ndarray, path: Path) -> None:
     from PIL import Image
 
     fmt = "JPEG" if path.suffix.lower() in (".jpg", ".jpeg") else "PNG"
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            kwargs = {"quality": 95} if fmt == "JPEG" else {}
-            Image.fromarray(array).save(handle, format=fmt, **kwargs)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    kwargs = {"quality": 95} if fmt == "JPEG" else {}
+    with atomic_path(path) as tmp:
+        Image.fromarray(array).save(tmp, format=fmt, **kwargs)
 
 
 def mean_pool_folder(
