@@ -15,10 +15,10 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize, prune
 
 from instill.core import MaskConfig, Subnetwork, apply_subnetwork
-from instill.core.config import Targets
 from instill.core.targets import fingerprint, parameter_sites, select_parameters
 from instill.errors import ConfigError, FileFormatError, SubnetworkMismatchError, TargetError
 from instill.methods import METHODS
+from instill.methods.config import Targets
 from instill.storage import load_tensors, save_tensors
 
 SPARSE_FORMAT = "instill.sparse_weights"

@@ -27,8 +27,8 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _NormBase
 
 from instill.errors import ConfigError, FileFormatError, InstillError, SubnetworkMismatchError
+from instill.methods.config import Targets
 
-from .config import Targets
 from .subnetwork import Subnetwork
 from .targets import add_parametrization, fingerprint, parameter_sites, select_parameters
 from .transplant import FrozenSubnetwork, _require_plain, apply_subnetwork, fresh_init

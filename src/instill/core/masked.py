@@ -9,8 +9,8 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from instill.methods import METHODS, MaskMethod
+from instill.methods.config import MaskConfig
 
-from .config import MaskConfig
 from .subnetwork import Subnetwork
 from .targets import (
     Site,

@@ -10,8 +10,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from instill.errors import TargetError
-
-from .config import Targets
+from instill.methods.config import Targets
 
 _LAYER_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d,
                 nn.ConvTranspose2d, nn.ConvTranspose3d)

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 if TYPE_CHECKING:
-    from instill.core.config import MaskConfig
+    from instill.methods.config import MaskConfig
 
 METHODS: dict[str, type[MaskMethod]] = {}
 

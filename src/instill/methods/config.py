@@ -1,4 +1,5 @@
-"""MaskConfig: which weights get masks, with which method and hyper-parameters."""
+"""MaskConfig: which weights get masks, with which method and hyper-parameters (it lives with
+the methods it names, so the core depends on methods and not the other way round)."""
 
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ class MaskConfig:
     weight_decay: float = 0.0
 
     def __post_init__(self) -> None:
-        from instill.methods import METHODS
+        from instill.methods.base import METHODS  # filled when instill.methods is imported
 
         if self.method not in METHODS:
             raise ConfigError(
