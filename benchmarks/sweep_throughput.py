@@ -278,7 +278,7 @@ def profile_steps(base: ArithmeticRun, args: argparse.Namespace, steps: int = 20
     DataLoader), plus one evaluation pass of each."""
     from torch.profiler import ProfilerActivity, profile
 
-    from instill.experiments.arithmetic import SequenceTask
+    from instill.tasks.sequences import SequenceTask
     from instill.training import make_optimizer, run_epoch
 
     torch.set_num_threads(1)

@@ -44,9 +44,10 @@ from machine import load_average, machine_facts
 from torch import Tensor, nn
 
 from instill.core import MaskConfig, Subnetwork, apply_subnetwork
-from instill.experiments.arithmetic import ArithmeticRun, SequenceTask, load_config
+from instill.experiments.arithmetic import ArithmeticRun, load_config
 from instill.models import logits_of, set_activation
 from instill.runio import to_dict
+from instill.tasks.sequences import SequenceTask
 from instill.training import DiscoveryConfig, discover
 
 TARGET_RE = r".*\.(c_attn|c_proj|c_fc)"

@@ -28,7 +28,8 @@ from instill.experiments.shapebias import (
     load_config,
     run_shapebias,
 )
-from instill.tasks.shape_task import AugmentConfig, load_data, shape_preserving_augment
+from instill.experiments.shapebias_data import load_data
+from instill.tasks.shape_task import AugmentConfig, shape_preserving_augment
 from instill.tasks.shapes import ShapeWorld, make_split
 
 torch.set_num_threads(1)

@@ -9,30 +9,31 @@ seed, all conditions on the same data), and the report with intervals over repli
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from instill.checkpoint import load_model, save_model
-from instill.core import MaskConfig, Subnetwork
+from instill.core import Subnetwork
 from instill.core.targets import select_parameters
-from instill.errors import ConfigError, ExpressionError, FileFormatError, SubnetworkMismatchError
+from instill.errors import ConfigError, FileFormatError, SubnetworkMismatchError
+from instill.experiments.arithmetic_config import (
+    PRESETS,
+    ArithmeticConfig,
+    ArithmeticGates,
+    load_config,
+)
 from instill.experiments.arithmetic_report import write_report
 from instill.experiments.common import (
-    CONDITIONS,
-    PAPER_CONDITIONS,
-    check_conditions,
-    layered_config,
     starting_model,
     verify_subnetwork,
 )
 from instill.experiments.executors import LocalExecutor
 from instill.experiments.framework import Cell, Experiment, once, read_json, unusable
-from instill.experiments.pipeline import Gate, GatePolicy, failed
-from instill.models import build_model, check_activation
+from instill.experiments.pipeline import Gate, failed
+from instill.models import build_model
 from instill.runio import to_dict
 from instill.storage import write_json
 from instill.tasks.arithmetic import (
@@ -46,134 +47,7 @@ from instill.tasks.arithmetic import (
 )
 from instill.tasks.expr import Expression, parse
 from instill.tasks.sequences import SequenceTask
-from instill.training import DiscoveryConfig, FitConfig, discover, fit
-
-#: Subtask Induction, the paper's controls, and the controls on where the transfer comes from
-#: (the subnetwork or the trained embeddings, norms and biases around it).
-ARITHMETIC_CONDITIONS = ("subnet", "sampled", "complement", "full", "random", "embeddings_only",
-                         "subnet-fresh", "sampled-fresh", "complement-fresh")
-
-PAPER_GRID = [0, 10, 16, 25, 40, 64, 100, 160, 250, 400, 640, 1000, 1600, 2500, 4000, 6400,
-              10000]
-
-
-@dataclass
-class ArithmeticGates(GatePolicy):
-    """What the induction sweep relies on, checked for every pipeline before it runs."""
-
-    base_accuracy: float = 0.99  # base-task accuracy on held-out pairs
-    subnetwork_accuracy: float = 0.9  # subtask accuracy with only the subnetwork kept
-    # Base-task accuracy with a random same-size ablation minus with the subnetwork ablated:
-    # removing the subnetwork must hurt far more than removing as many random weights. (The
-    # base task, since the trained model computes the subtask only inside it: its accuracy on
-    # the subtask alone is near chance before and after any ablation.)
-    ablation_margin: float = 0.5
-
-
-@dataclass
-class ArithmeticConfig:
-    """Everything that defines an arithmetic run; the defaults are the paper's settings."""
-
-    base: str = "a + a*b"
-    subtask: str = "a*b"
-    target: str = "a^2 + a*b"
-    alternatives: list[str] = field(default_factory=lambda: ["2*a^2", "2*b^2"])
-    modulus: int = 7
-    numbers: int = 1000
-    layers: list[int] = field(default_factory=lambda: [2, 4, 6, 8, 10, 12])
-    n_embd: int = 128
-    n_head: int = 4
-    dropout: float = 0.1
-    activation: str = "gelu_new"  # HF GPT-2's; "gelu_pytorch_tanh": same function, one kernel
-    loss: Literal["lm", "answer"] = "lm"
-    seed: int = 0
-    replicates: int = 3  # independent pipelines (base model, subnetwork, cells) per depth
-    seeds: int = 1  # downstream seeds per replicate and grid point
-    gates: ArithmeticGates = field(default_factory=ArithmeticGates)
-    base_samples: int = 200_000
-    base_val: int = 2000
-    base_fit: FitConfig = field(default_factory=lambda: FitConfig(
-        epochs=50, batch_size=50, lr=5e-4, weight_decay=0.01, patience=5))
-    subtask_samples: int = 50_000
-    discovery: DiscoveryConfig = field(default_factory=lambda: DiscoveryConfig(
-        epochs=50, batch_size=500, lr=1e-3, final_temperature=100.0,
-        mask=MaskConfig(l0_lambda=1e-7, init=-0.1)))
-    grid: list[int] = field(default_factory=lambda: list(PAPER_GRID))
-    conditions: list[str] = field(default_factory=lambda: list(ARITHMETIC_CONDITIONS))
-    induction_fit: FitConfig = field(default_factory=lambda: FitConfig(
-        epochs=100, batch_size=50, lr=2e-4, weight_decay=0.01))
-    n_val: int = 1000
-    n_test: int = 1000
-    freeze: bool = True
-    threshold: float = 0.95
-
-    def __post_init__(self) -> None:
-        self.spec  # noqa: B018  (validates numbers and modulus)
-        named = [("base", self.base), ("subtask", self.subtask), ("target", self.target),
-                 *((f"alternatives[{i}]", alt) for i, alt in enumerate(self.alternatives))]
-        for name, text in named:
-            try:
-                parse(text)
-            except ExpressionError as err:
-                raise ConfigError(f"{name}: {err}") from None
-        if not self.layers or min(self.layers) < 1:
-            raise ConfigError(f"layers must be a non-empty list of depths >= 1, got {self.layers}")
-        check_activation(self.activation)
-        if self.n_embd % self.n_head:
-            raise ConfigError(f"n_embd ({self.n_embd}) must be divisible by n_head "
-                              f"({self.n_head})")
-        if self.seeds < 1 or self.replicates < 1:
-            raise ConfigError(f"seeds and replicates must be >= 1, got {self.seeds} and "
-                              f"{self.replicates}")
-        if not self.grid or min(self.grid) < 0:
-            raise ConfigError(f"grid must be a non-empty list of counts >= 0, got {self.grid}")
-        check_conditions(self.conditions, list(CONDITIONS))
-        if not 0 < self.threshold <= 1:
-            raise ConfigError(f"threshold must be in (0, 1], got {self.threshold}")
-
-    @property
-    def spec(self) -> ArithmeticSpec:
-        return ArithmeticSpec(numbers=self.numbers, modulus=self.modulus)
-
-
-PRESETS: dict[str, dict[str, Any]] = {
-    "paper": {},
-    "quick": {
-        "numbers": 200,
-        "layers": [2],
-        "n_embd": 64,
-        "loss": "answer",
-        "activation": "gelu_pytorch_tanh",
-        # Six pipelines of the paper's conditions and the embeddings alone: five left the
-        # embeddings-only comparison undecided under AVX2; the `-fresh` variants (each as
-        # costly as random init) stay in the paper preset and `--conditions`.
-        "replicates": 6,
-        "seeds": 1,
-        "conditions": [*PAPER_CONDITIONS, "embeddings_only"],
-        "base_samples": 20_000,
-        "base_val": 500,
-        # No patience: the base model sits on a plateau for 5-60 epochs before it learns the
-        # residues (docs/arithmetic.md); it stops once validation holds 0.998 twice, and 80
-        # epochs is the budget for the slowest seeds (1 in 20 needed 59). lr 1e-3 leaves the
-        # plateau soonest (5e-4, 2e-3 and 4e-3 were slower on the same seeds).
-        "base_fit": {"epochs": 80, "batch_size": 128, "lr": 1e-3, "patience": None,
-                     "stop_at": 0.998, "stop_after": 2, "fused": True},
-        "subtask_samples": 10_000,
-        "discovery": {"epochs": 10, "batch_size": 250, "lr": 1e-2, "fused": True},
-        "grid": [0, 25, 100, 250, 640, 1600],
-        "induction_fit": {"epochs": 60, "batch_size": 64, "lr": 1e-3, "stop_at": 0.998,
-                          "stop_after": 2, "fused": True},
-        "n_val": 500,
-        "n_test": 1000,
-    },
-}
-
-
-def load_config(preset: str | None = "paper", file_values: dict | None = None,
-                overrides: dict | None = None) -> ArithmeticConfig:
-    """Defaults, then the preset, then a config file's values, then command-line overrides."""
-    return layered_config(ArithmeticConfig, PRESETS, preset, file_values, overrides,
-                          "arithmetic config")
+from instill.training import discover, fit
 
 
 # -- phases -----------------------------------------------------------------------------------
@@ -207,24 +81,9 @@ class ArithmeticRun(Experiment):
         return make_sequences(a, b, self.exprs[expr], self.spec)
 
     def base_data(self, seed: int) -> tuple[Tensor, Tensor, Tensor]:
-        """Training sequences of the base task, and validation and test sequences on pairs
-        that training never shows (so the base gate measures the rule, not memory)."""
-        gen = torch.Generator().manual_seed(seed)
-        train = sample_pairs(self.cfg.base_samples, self.spec, gen)
-        seen = torch.unique(pair_codes(*train, self.spec))
-        held = self.spec.num_pairs - seen.numel()
-        if held < 2 * self.cfg.base_val:
-            raise ConfigError(
-                f"base_samples={self.cfg.base_samples} leave {held} of {self.spec.num_pairs} "
-                f"pairs unseen, fewer than the {2 * self.cfg.base_val} held-out validation and "
-                "test pairs (2 x base_val) the base gate needs; lower base_samples or base_val, "
-                "or raise numbers")
-        val_test = sample_pairs(2 * self.cfg.base_val, self.spec, gen, exclude=seen,
-                                unique=True, cover=False)
-        k = self.cfg.base_val
-        return tuple(make_sequences(a, b, self.exprs["base"], self.spec)  # type: ignore[return-value]
-                     for a, b in (train, (val_test[0][:k], val_test[1][:k]),
-                                  (val_test[0][k:], val_test[1][k:])))
+        """Training, held-out validation and held-out test sequences of the base task."""
+        return base_splits(self.exprs["base"], self.spec, self.cfg.base_samples,
+                           self.cfg.base_val, seed)
 
     def prepare(self) -> list[str]:
         """Fail on targets that match nothing before training; warn of ambiguous targets."""
@@ -399,6 +258,26 @@ class ArithmeticRun(Experiment):
         return write_report(self.run, self.cfg, rows, verify, self.warnings,
                             {f"L{d}-r{r}": c for (d, r), c in chosen.items()},
                             to_dict(ArithmeticConfig()), to_dict(self.cfg))
+
+
+def base_splits(expr: Expression, spec: ArithmeticSpec, samples: int, val: int,
+                seed: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Training sequences of a base task, and validation and test sequences on pairs that
+    training never shows (so the base gate measures the rule, not memory)."""
+    gen = torch.Generator().manual_seed(seed)
+    train = sample_pairs(samples, spec, gen)
+    seen = torch.unique(pair_codes(*train, spec))
+    held = spec.num_pairs - seen.numel()
+    if held < 2 * val:
+        raise ConfigError(
+            f"base_samples={samples} leave {held} of {spec.num_pairs} "
+            f"pairs unseen, fewer than the {2 * val} held-out validation and "
+            "test pairs (2 x base_val) the base gate needs; lower base_samples or base_val, "
+            "or raise numbers")
+    val_test = sample_pairs(2 * val, spec, gen, exclude=seen, unique=True, cover=False)
+    return tuple(make_sequences(a, b, expr, spec)  # type: ignore[return-value]
+                 for a, b in (train, (val_test[0][:val], val_test[1][:val]),
+                              (val_test[0][val:], val_test[1][val:])))
 
 
 def _acc(pred: Tensor, seqs: Tensor, expr: Expression, spec: ArithmeticSpec) -> float:

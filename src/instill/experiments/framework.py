@@ -30,8 +30,9 @@ import torch
 
 from instill.errors import FileFormatError
 from instill.experiments.executors import Executor, LocalExecutor
-from instill.experiments.pipeline import Gate, derive_seed, run_attempts
+from instill.experiments.pipeline import Gate, run_attempts
 from instill.runio import RunDir, from_dict, to_dict
+from instill.seeds import derive_seed
 from instill.storage import atomic_write_bytes, write_json
 
 Unit = tuple[Any, ...]

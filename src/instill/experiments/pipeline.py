@@ -12,7 +12,6 @@ used whatever its gates say, and the report must say so.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -20,14 +19,8 @@ from typing import Any
 
 from instill.errors import ConfigError, InstillError
 from instill.runio import RunDir, load_config_file
+from instill.seeds import derive_seed
 from instill.storage import write_json
-
-
-def derive_seed(root: int, *parts: str | int) -> int:
-    """A stable 31-bit seed for one unit of work, named by `parts` under the run's `root` seed
-    (the same names give the same seed on every machine and in every process)."""
-    digest = hashlib.sha256(repr((int(root), *parts)).encode()).digest()
-    return int.from_bytes(digest[:4], "little") & 0x7FFF_FFFF
 
 
 @dataclass
