@@ -137,3 +137,21 @@ def test_conditions_keep_exactly_what_their_names_say(arch):
     assert sum(int(m.sum()) for m in masks.values()) == sub.kept()
     with pytest.raises(instill.errors.ConfigError, match="unknown condition 'magic'"):
         starting_model("magic", trained, sub, 7)
+
+
+def test_a_model_with_masks_attached_is_a_clear_user_error():
+    """Masks or a transplant still attached: the error names the fix and is an InstillError
+    (the CLI prints it without a traceback)."""
+    from instill.errors import InstillError, ModelStateError
+
+    model, sub, _ = discovered("mlp")
+    moved = instill.transplant(model, sub)
+    with pytest.raises(ModelStateError, match=r"instill\.bake\(model\)") as err, \
+            instill.apply_subnetwork(moved, sub):
+        pass
+    assert isinstance(err.value, InstillError)
+    with pytest.raises(ModelStateError, match="already has parametrizations"):
+        instill.attach_masks(moved)
+    with pytest.raises(InstillError, match="mode must be 'keep' or 'ablate'"), \
+            instill.apply_subnetwork(model, sub, "drop"):
+        pass

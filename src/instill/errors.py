@@ -25,5 +25,9 @@ class ExpressionError(InstillError, ValueError):
     """A malformed arithmetic expression; the message points at the position."""
 
 
+class ModelStateError(InstillError, ValueError):
+    """A model is in the wrong state for the call (masks or a transplant still attached)."""
+
+
 class TrainingError(InstillError, RuntimeError):
     """Training diverged (a NaN or infinite loss); the message gives the step and a hint."""

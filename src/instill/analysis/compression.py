@@ -16,7 +16,13 @@ from torch.nn.utils import parametrize, prune
 
 from instill.core import MaskConfig, Subnetwork, apply_subnetwork
 from instill.core.targets import fingerprint, parameter_sites, select_parameters
-from instill.errors import ConfigError, FileFormatError, SubnetworkMismatchError, TargetError
+from instill.errors import (
+    ConfigError,
+    FileFormatError,
+    ModelStateError,
+    SubnetworkMismatchError,
+    TargetError,
+)
 from instill.methods import METHODS
 from instill.methods.config import Targets
 from instill.storage import load_tensors, save_tensors
@@ -33,7 +39,7 @@ DEFAULT_FRACTIONS = (1.0, 0.5, 0.2, 0.1, 0.05, 0.02, 0.01)
 
 def _require_plain(model: nn.Module, what: str) -> None:
     if any(parametrize.is_parametrized(m) for m in model.modules()):
-        raise ValueError(f"{what} needs a plain model, but this one has masks or a transplant "
+        raise ModelStateError(f"{what} needs a plain model, but this one has masks or a transplant "
                          "attached; call detach_masks() or instill.bake(model) first")
 
 

@@ -185,7 +185,7 @@ class Allocation:
 
 def _check_task(task: int) -> None:
     if not isinstance(task, int) or not 0 <= task <= MAX_TASK:
-        raise ValueError(f"task must be an int in [0, {MAX_TASK}], got {task!r}")
+        raise IsolationError(f"task must be an int in [0, {MAX_TASK}], got {task!r}")
 
 
 def _check_fits(model: nn.Module, allocation: Allocation, what: str) -> None:

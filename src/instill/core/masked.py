@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from instill.errors import ModelStateError
 from instill.methods import METHODS, MaskMethod
 from instill.methods.config import MaskConfig
 
@@ -109,7 +110,7 @@ def attach_masks(model: nn.Module, cfg: MaskConfig | None = None) -> MaskedModel
     """Attach masks of `cfg.method` to the parameters `cfg` targets; base weights are frozen."""
     cfg = cfg or MaskConfig()
     if any(parametrize.is_parametrized(m) for m in model.modules()):
-        raise ValueError("model already has parametrizations (masks or a transplant); "
+        raise ModelStateError("model already has parametrizations (masks or a transplant); "
                          "call detach_masks() or instill.bake(model) first")
     sites = select_parameters(model, cfg.targets, cfg.exclude, cfg.mask_bias)
     weights, shapes = {}, {}

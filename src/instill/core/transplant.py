@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from instill.errors import SubnetworkMismatchError
+from instill.errors import ConfigError, ModelStateError, SubnetworkMismatchError
 
 from .subnetwork import Subnetwork
 from .targets import (
@@ -37,7 +37,7 @@ class FrozenSubnetwork(nn.Module):
 
 def _require_plain(model: nn.Module, what: str) -> None:
     if any(parametrize.is_parametrized(m) for m in model.modules()):
-        raise ValueError(f"{what} needs a plain model, but this one has masks or a transplant "
+        raise ModelStateError(f"{what} needs a plain model, but this one has masks or a transplant "
                          "attached; call detach_masks() or instill.bake(model) first")
 
 
@@ -47,7 +47,7 @@ def apply_subnetwork(model: nn.Module, sub: Subnetwork,
     """Temporarily zero every targeted weight outside (`keep`) or inside (`ablate`) the
     subnetwork; the original weights are restored exactly on exit."""
     if mode not in ("keep", "ablate"):
-        raise ValueError(f"mode must be 'keep' or 'ablate', got {mode!r}")
+        raise ConfigError(f"mode must be 'keep' or 'ablate', got {mode!r}")
     _require_plain(model, "apply_subnetwork")
     sub.check_model(model)
     params = dict(model.named_parameters())
