@@ -121,3 +121,19 @@ def test_a_job_runs_from_its_description_alone(tmp_path, monkeypatch):
     job = Job(f"{Toy.__module__}:Toy", to_dict(ToyConfig()), str(tmp_path), "cell", (0, 0, 2))
     value = read_json(Toy(ToyConfig(), tmp_path).run, "pipelines/r0/a0/model.json")["value"]
     assert run_job(job) == {"rows": [{"replicate": 0, "n": 2, "y": value * 2}]}
+
+
+def test_each_cell_is_saved_as_it_finishes(tmp_path, monkeypatch):
+    """A run that dies in a later cell keeps the cells that finished before it."""
+    real = Toy.cell
+
+    def cell(self, replicate, attempt, n):
+        if (replicate, n) == (1, 2):
+            raise KeyboardInterrupt
+        return real(self, replicate, attempt, n)
+
+    monkeypatch.setattr(Toy, "cell", cell)
+    with pytest.raises(KeyboardInterrupt):
+        _run(tmp_path)
+    assert sorted(p.name for p in (tmp_path / "cells").iterdir()) == [
+        "r0-n1.json", "r0-n2.json", "r0-n3.json", "r1-n1.json"]

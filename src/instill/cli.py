@@ -84,6 +84,35 @@ def run_options(quick: str, paper: str) -> Callable[[Callable[..., Any]], Callab
     return add
 
 
+def compute_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Where an experiment runs, the same on every command: threads, workers, device, and the
+    executor (a local process pool, or Ray: a local instance or a cluster's address)."""
+    for option in reversed([
+        click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True,
+                     help="Torch threads per process (small models run fastest on one)."),
+        click.option("--workers", type=click.IntRange(min=1), default=None,
+                     help="Processes (or Ray CPUs) running pipelines and cells side by side "
+                          "[default: CPU count]."),
+        click.option("--device", default="cpu", show_default=True,
+                     help="Torch device of every process, e.g. cuda."),
+        click.option("--executor", type=click.Choice(["local", "ray"]), default="local",
+                     show_default=True,
+                     help="Run pipelines and cells in a local process pool, or on Ray "
+                          "(pip install 'instill[cluster]'; docs/scaling.md)."),
+        click.option("--address", default=None, metavar="HOST:PORT",
+                     help="With --executor ray: join this running Ray cluster instead of "
+                          "starting a local instance."),
+    ]):
+        fn = option(fn)
+    return fn
+
+
+def _executor(kind: str, workers: int | None, address: str | None) -> Any:
+    from instill.experiments.executors import make_executor
+
+    return make_executor(kind, workers=workers or os.cpu_count() or 1, address=address)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="instill")
 def main() -> None:
@@ -110,12 +139,10 @@ def main() -> None:
                                    "complement-fresh.")
 @click.option("--loss", type=click.Choice(["lm", "answer"]),
               help="Language-modelling loss on the whole sequence (paper) or answer only.")
-@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True,
-              help="Torch threads per process (tiny models run fastest on one).")
-@click.option("--workers", type=click.IntRange(min=1), default=None,
-              help="Processes running induction cells side by side [default: CPU count].")
+@compute_options
 @user_errors
-def arithmetic(preset, config_file, out, assignments, threads, workers, **flags) -> None:
+def arithmetic(preset, config_file, out, assignments, threads, workers, device, executor,
+               address, **flags) -> None:
     """Modular arithmetic: data efficiency of Subtask Induction against its controls."""
     from instill.experiments.arithmetic import load_config, run_arithmetic
 
@@ -130,8 +157,8 @@ def arithmetic(preset, config_file, out, assignments, threads, workers, **flags)
     }
     cfg = _config(load_config, preset, config_file, overrides, assignments)
     start = time.perf_counter()
-    workers = workers or os.cpu_count() or 1
-    summary = run_arithmetic(cfg, out, log=click.echo, threads=threads, workers=workers)
+    summary = run_arithmetic(cfg, out, log=click.echo, threads=threads, device=device,
+                             executor=_executor(executor, workers, address))
     click.echo(summary["headline"])
     click.echo(f"done in {time.perf_counter() - start:.0f} s; report: {out / 'report.md'}")
 
@@ -157,15 +184,10 @@ def arithmetic(preset, config_file, out, assignments, threads, workers, **flags)
 @click.option("--shape-dir", help="Class-per-folder shape-only (e.g. mean-pooled) images.")
 @click.option("--cue-conflict-dir", help="Geirhos-style cue-conflict images "
                                          "(e.g. dog10-bird2.png).")
-@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True,
-              help="Torch threads per process (small models run fastest on one).")
-@click.option("--workers", type=click.IntRange(min=1), default=None,
-              help="Processes running pipelines and induction cells side by side "
-                   "[default: CPU count].")
-@click.option("--device", default="cpu", show_default=True,
-              help="Torch device of every process, e.g. cuda.")
+@compute_options
 @user_errors
-def shapebias(preset, config_file, out, assignments, threads, workers, device, **flags) -> None:
+def shapebias(preset, config_file, out, assignments, threads, workers, device, executor,
+              address, **flags) -> None:
     """Shape bias: instill a shape subnetwork in image classifiers (ResNet or ViT)."""
     from instill.experiments.shapebias import ARCHS, load_config, run_shapebias
 
@@ -180,11 +202,62 @@ def shapebias(preset, config_file, out, assignments, threads, workers, device, *
     }
     cfg = _config(load_config, preset, config_file, overrides, assignments)
     start = time.perf_counter()
-    workers = workers or os.cpu_count() or 1
     summary = run_shapebias(cfg, out, log=click.echo, threads=threads, device=device,
-                            workers=workers)
+                            executor=_executor(executor, workers, address))
     click.echo(summary["headline"])
     click.echo(f"done in {time.perf_counter() - start:.0f} s; report: {out / 'report.md'}")
+
+
+@main.command()
+@run_options("5 replicate pipelines, about 15 minutes on a 2-core CPU",
+             "the paper-sized model and data, GPU-sized")
+@click.option("--task", type=click.Choice(["arithmetic", "shapes"]),
+              help="Arithmetic (built in) or the shapes world (not implemented yet).")
+@click.option("--from", "from_run", type=click.Path(file_okay=False),
+              help="Reuse the base models of this `instill arithmetic` run directory.")
+@click.option("--base", help="Base task expression, e.g. 'a^2 + a*b + b'.")
+@click.option("--subtasks", help="Comma-separated subtask expressions, e.g. 'a^2,a*b,b'.")
+@click.option("--replicates", type=int, help="Independent pipelines (base model, subnetworks).")
+@click.option("--seed", type=int, help="Base random seed.")
+@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Torch threads per process (tiny models run fastest on one).")
+@click.option("--workers", type=click.IntRange(min=1), default=None,
+              help="Processes running pipelines and cells side by side [default: CPU count].")
+@user_errors
+def modules(preset, config_file, out, assignments, threads, workers, **flags) -> None:
+    """Several subtasks in one model: overlap, cross-ablation, union induction, compression."""
+    from instill.experiments.modules import load_config, run_modules
+
+    overrides = {
+        **{k: v for k, v in flags.items() if v is not None and k in (
+            "task", "from_run", "base", "replicates", "seed")},
+        "subtasks": _strings(flags["subtasks"]),
+    }
+    cfg = _config(load_config, preset, config_file, overrides, assignments)
+    start = time.perf_counter()
+    summary = run_modules(cfg, out, log=click.echo, threads=threads,
+                          workers=workers or os.cpu_count() or 1)
+    click.echo(summary["headline"])
+    click.echo(f"done in {time.perf_counter() - start:.0f} s; report: {out / 'report.md'}")
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--replicate", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Which pipeline's base model.")
+@click.option("--mask", default="base", show_default=True,
+              help="'base' (the base task's subnetwork), a subtask expression, or "
+                   "'magnitude:F' (global magnitude pruning keeping the fraction F).")
+@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Sparse safetensors file to write.")
+@user_errors
+def bake(run_dir, replicate, mask, out) -> None:
+    """Export a pruned base model of an `instill modules` run as sparse safetensors."""
+    from instill.experiments.modules import bake_pruned
+
+    sizes = bake_pruned(run_dir, replicate, mask, out)
+    click.echo(f"wrote {out}: density {sizes['density']:.4f}, dense {sizes['dense_bytes']} "
+               f"bytes, sparse {sizes['sparse_bytes']} bytes")
 
 
 @main.group()
@@ -230,3 +303,43 @@ def meanpool(in_dir, out_dir, method, segments) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+@main.command()
+@run_options("5 replicates of 6 methods on 4 arithmetic tasks, about 10 minutes on a 2-core "
+             "CPU", "8 replicates, every method")
+@click.option("--task", type=click.Choice(["arithmetic", "shapes"]),
+              help="Task sequence (only arithmetic is implemented so far).")
+@click.option("--sequence", help="Semicolon-separated task expressions, e.g. 'a + b;a*b'.")
+@click.option("--methods", help="Comma-separated subset of subnetwork,subnetwork-reinit,packnet,"
+                                "packnet-reinit,finetune,joint,independent.")
+@click.option("--replicates", type=int, help="Independent replicates (initial model, seeds).")
+@click.option("--seed", type=int, help="Base random seed.")
+@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Torch threads per process (tiny models run fastest on one).")
+@click.option("--workers", type=click.IntRange(min=1), default=None,
+              help="Processes running (replicate, method) pipelines side by side "
+                   "[default: CPU count].")
+@click.option("--device", default="cpu", show_default=True,
+              help="Torch device of every process (the models are CPU-sized).")
+@user_errors
+def continual(preset, config_file, out, assignments, threads, workers, device, **flags) -> None:
+    """Continual learning: isolate each task's discovered subnetwork; compare with PackNet,
+    fine-tuning and joint training."""
+    from instill.experiments.continual import load_config, run_continual
+
+    sequence = flags["sequence"]
+    overrides = {
+        **{k: v for k, v in flags.items() if v is not None and k in ("task", "replicates",
+                                                                     "seed")},
+        "sequence": None if sequence is None else [p.strip() for p in sequence.split(";")
+                                                   if p.strip()],
+        "methods": _strings(flags["methods"]),
+    }
+    cfg = _config(load_config, preset, config_file, overrides, assignments)
+    start = time.perf_counter()
+    workers = workers or os.cpu_count() or 1
+    summary = run_continual(cfg, out, log=click.echo, threads=threads, workers=workers,
+                            device=device)
+    click.echo(summary["headline"])
+    click.echo(f"done in {time.perf_counter() - start:.0f} s; report: {out / 'report.md'}")

@@ -30,7 +30,7 @@ from instill.experiments.common import (
     starting_model,
     verify_subnetwork,
 )
-from instill.experiments.executors import LocalExecutor
+from instill.experiments.executors import Executor, LocalExecutor
 from instill.experiments.framework import Cell, Experiment, once, read_json, unusable
 from instill.experiments.pipeline import Gate, failed
 from instill.models import build_model
@@ -74,16 +74,17 @@ class ArithmeticRun(Experiment):
     def build(self, layers: int) -> nn.Module:
         return build_model("gpt2", vocab_size=self.spec.vocab_size, n_positions=4,
                            n_embd=self.cfg.n_embd, n_layer=layers, n_head=self.cfg.n_head,
-                           dropout=self.cfg.dropout, activation=self.cfg.activation)
+                           dropout=self.cfg.dropout, activation=self.cfg.activation
+                           ).to(self.device)
 
     def sequences(self, expr: str, n: int, seed: int) -> Tensor:
         a, b = sample_pairs(n, self.spec, torch.Generator().manual_seed(seed))
-        return make_sequences(a, b, self.exprs[expr], self.spec)
+        return make_sequences(a, b, self.exprs[expr], self.spec).to(self.device)
 
     def base_data(self, seed: int) -> tuple[Tensor, Tensor, Tensor]:
         """Training, held-out validation and held-out test sequences of the base task."""
-        return base_splits(self.exprs["base"], self.spec, self.cfg.base_samples,
-                           self.cfg.base_val, seed)
+        return tuple(s.to(self.device) for s in base_splits(  # type: ignore[return-value]
+            self.exprs["base"], self.spec, self.cfg.base_samples, self.cfg.base_val, seed))
 
     def prepare(self) -> list[str]:
         """Fail on targets that match nothing before training; warn of ambiguous targets."""
@@ -229,8 +230,8 @@ class ArithmeticRun(Experiment):
         """Phase 4 unit of work: every condition trained on the same target data; its rows."""
         trained, sub = self.transfer_source(layers, replicate, attempt)
         splits = self.splits(replicate, seed)
-        train, val, test = splits.train_sequences(n), splits.val_sequences(), \
-            splits.test_sequences()
+        train, val, test = (s.to(self.device) for s in (
+            splits.train_sequences(n), splits.val_sequences(), splits.test_sequences()))
         run_seed = self.seed("cell", layers, replicate, n, seed)
         rows = []
         for condition in self.cfg.conditions:
@@ -287,16 +288,18 @@ def _acc(pred: Tensor, seqs: Tensor, expr: Expression, spec: ArithmeticSpec) -> 
 
 
 def run_arithmetic(cfg: ArithmeticConfig, out: str | Path, log=print, threads: int = 1,
-                   workers: int = 1) -> dict[str, Any]:
+                   workers: int = 1, device: str = "cpu",
+                   executor: Executor | None = None) -> dict[str, Any]:
     """Run the whole experiment into `out`; returns the summary.
 
     `threads` sets torch's intra-op threads per process: these models are tiny, and one thread
     is fastest (more threads spin against each other on a busy machine). `workers` processes
-    run pipelines and induction cells side by side; results do not depend on either.
+    (or `executor`, e.g. a Ray cluster) run pipelines and induction cells side by side on
+    `device`; results do not depend on either.
     """
     torch.set_num_threads(threads)
-    return ArithmeticRun(cfg, out, log, threads=threads,
-                         executor=LocalExecutor(workers)).execute()
+    return ArithmeticRun(cfg, out, log, threads=threads, device=device,
+                         executor=executor or LocalExecutor(workers)).execute()
 
 
 __all__ = ["PRESETS", "ArithmeticConfig", "ArithmeticGates", "ArithmeticRun", "load_config",

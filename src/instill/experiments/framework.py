@@ -169,11 +169,13 @@ class Experiment:
         """Each cell's record: read back when finished, else computed and written here."""
         records = [self._finished(c) for c in cells]
         todo = [i for i, r in enumerate(records) if r is None]
-        done = self._map("cell", [(cells[i].unit, cells[i].inputs) for i in todo], "cells",
-                         cost=[cells[i].cost for i in todo])
-        for i, record in zip(todo, done, strict=True):
-            write_json(self.run.path(f"cells/{cells[i].name}.json"), record)
-            records[i] = record
+
+        def persist(k: int, record: dict[str, Any]) -> None:  # as each cell finishes
+            write_json(self.run.path(f"cells/{cells[todo[k]].name}.json"), record)
+            records[todo[k]] = record
+
+        self._map("cell", [(cells[i].unit, cells[i].inputs) for i in todo], "cells",
+                  cost=[cells[i].cost for i in todo], done=persist)
         return records  # type: ignore[return-value]
 
     def _finished(self, cell: Cell) -> dict[str, Any] | None:
@@ -192,7 +194,10 @@ class Experiment:
         return record
 
     def _map(self, kind: str, work: list[tuple[Unit, tuple[str, ...]]], desc: str,
-             cost: list[float] | None = None) -> list[Any]:
+             cost: list[float] | None = None,
+             done: Callable[[int, Any], None] | None = None) -> list[Any]:
+        """Run jobs on the executor; `done(i, result)` runs here as job i finishes (after the
+        files a worker without the run directory wrote are in place)."""
         options = {"threads": self.threads, "device": str(self.device)}
         config = to_dict(self.cfg)
         where = f"{type(self).__module__}:{type(self).__qualname__}"
@@ -202,14 +207,18 @@ class Experiment:
                     {name: self.run.path(name).read_bytes() for name in inputs} if ship else None)
                 for unit, inputs in work]
         costs = dict(zip(map(id, jobs), cost or [], strict=False))
+
+        def finished(i: int, result: Any) -> None:
+            if ship:  # what a worker without the run directory wrote
+                for name, data in result.files.items():
+                    atomic_write_bytes(self.run.path(name), data)
+            if done is not None:
+                done(i, result.result if ship else result)
+
         results = self.executor.map(run_job, jobs, desc,
-                                    cost=(lambda job: costs[id(job)]) if cost else None)
-        if not ship:
-            return results
-        for shipped in results:  # what a worker without the run directory wrote
-            for name, data in shipped.files.items():
-                atomic_write_bytes(self.run.path(name), data)
-        return [shipped.result for shipped in results]
+                                    cost=(lambda job: costs[id(job)]) if cost else None,
+                                    done=finished)
+        return [r.result for r in results] if ship else results
 
     def _files_under(self, folder: str) -> tuple[str, ...]:
         """Run-directory names of the files under `folder` (what a resumed pipeline reads)."""

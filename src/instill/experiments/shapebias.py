@@ -35,7 +35,7 @@ from instill.checkpoint import load_model, save_model
 from instill.core import Subnetwork, fresh_init, transplant
 from instill.errors import InstillError
 from instill.experiments.common import starting_model, verify_subnetwork
-from instill.experiments.executors import LocalExecutor
+from instill.experiments.executors import Executor, LocalExecutor
 from instill.experiments.framework import Cell, Experiment, once, read_json
 from instill.experiments.pipeline import Gate, failed
 from instill.experiments.shapebias_config import (
@@ -369,16 +369,18 @@ def _fmt(value: float | None) -> str:
 
 
 def run_shapebias(cfg: ShapeBiasConfig, out: str | Path, log=print, threads: int = 1,
-                  device: str = "cpu", workers: int = 1) -> dict[str, Any]:
+                  device: str = "cpu", workers: int = 1,
+                  executor: Executor | None = None) -> dict[str, Any]:
     """Run the whole experiment into `out`; returns the summary.
 
     `threads` sets torch's intra-op threads per process: these models are small, and one thread
-    is fastest on a busy CPU (more threads spin against each other). `workers` processes run
-    pipelines and induction cells side by side on `device`; results do not depend on either.
+    is fastest on a busy CPU (more threads spin against each other). `workers` processes (or
+    `executor`, e.g. a Ray cluster) run pipelines and induction cells side by side on `device`;
+    results do not depend on either.
     """
     torch.set_num_threads(threads)
     return ShapeBiasRun(cfg, out, log, threads=threads, device=device,
-                        executor=LocalExecutor(workers)).execute()
+                        executor=executor or LocalExecutor(workers)).execute()
 
 
 __all__ = ["ALL_SHAPE_CONDITIONS", "ARCHS", "PRESETS", "SHAPE_CONDITIONS", "AugmentConfig",
