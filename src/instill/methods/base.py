@@ -7,21 +7,10 @@ from typing import TYPE_CHECKING, ClassVar
 import torch
 from torch import Tensor, nn
 
+from .registry import METHODS, register  # noqa: F401  (re-exported with the interface)
+
 if TYPE_CHECKING:
     from instill.methods.config import MaskConfig
-
-METHODS: dict[str, type[MaskMethod]] = {}
-
-
-def register(name: str):
-    """Class decorator that makes a MaskMethod available as `MaskConfig(method=name)`."""
-
-    def add(cls: type[MaskMethod]) -> type[MaskMethod]:
-        METHODS[name] = cls
-        cls.name = name
-        return cls
-
-    return add
 
 
 class MaskMethod(nn.Module):

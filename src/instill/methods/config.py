@@ -33,7 +33,7 @@ class MaskConfig:
     weight_decay: float = 0.0
 
     def __post_init__(self) -> None:
-        from instill.methods.base import METHODS  # filled when instill.methods is imported
+        from instill.methods.registry import METHODS  # filled when instill.methods is imported
 
         if self.method not in METHODS:
             raise ConfigError(
