@@ -14,11 +14,10 @@ from instill.tasks.images import (
     ImageSet,
     load_cue_conflict_folder,
     load_image_folder,
-    mean_pool_folder,
-    mean_pool_image,
     parse_cue_conflict_name,
     shape_bias,
 )
+from instill.tasks.meanpool import mean_pool_folder, mean_pool_image
 
 CLASSES = ["bird", "cat", "dog"]
 

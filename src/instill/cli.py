@@ -295,7 +295,7 @@ def shapes_preview(out, classes, size, rho, seed, per_split) -> None:
 @user_errors
 def meanpool(in_dir, out_dir, method, segments) -> None:
     """Mean-pool every image of IN_DIR into OUT_DIR (texture removed, shape kept); resumes."""
-    from instill.tasks.images import mean_pool_folder
+    from instill.tasks.meanpool import mean_pool_folder
 
     written = mean_pool_folder(in_dir, out_dir, method=method, n_segments=segments)
     click.echo(f"wrote {written} image(s) to {out_dir}")

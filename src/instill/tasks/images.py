@@ -1,13 +1,11 @@
-"""Image data sets: the `ImageSet` container, real image folders, cue-conflict names, mean pooling.
+"""Image data sets: the `ImageSet` container, real image folders, cue-conflict names, shape bias.
 
 Real-data counterparts of the generated world in `instill.tasks.shapes`:
 
 * `load_image_folder` reads a class-per-folder tree (``root/<class>/*.png``) into an `ImageSet`.
 * `load_cue_conflict_folder` reads Geirhos-style cue-conflict images (``dog10-bird2.png``:
   shape of a dog, texture of a bird), flat or in class folders, via `parse_cue_conflict_name`.
-* `mean_pool_image` / `mean_pool_folder` replace each superpixel (SLIC or Felzenszwalb, from
-  scikit-image) by its mean colour: a stand-in for the paper's SAM-based "mean-pooled" ImageNet,
-  where texture is gone and shape remains.
+* mean pooling (texture removal) of real images is in `instill.tasks.meanpool`.
 * `shape_bias` scores predictions on cue-conflict images (Geirhos et al. 2019).
 """
 
@@ -25,19 +23,14 @@ import torch
 from torch.utils.data import Dataset
 
 from instill.errors import ConfigError, FileFormatError
-from instill.storage import atomic_path
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
-SEGMENTATION_METHODS = ("slic", "felzenszwalb")
 
 __all__ = [
     "IMAGE_EXTENSIONS",
-    "SEGMENTATION_METHODS",
     "ImageSet",
     "load_cue_conflict_folder",
     "load_image_folder",
-    "mean_pool_folder",
-    "mean_pool_image",
     "parse_cue_conflict_name",
     "shape_bias",
 ]
@@ -132,7 +125,7 @@ def _check_size(size: int) -> int:
     return size
 
 
-def _check_dir(root: str | os.PathLike[str], what: str) -> Path:
+def check_dir(root: str | os.PathLike[str], what: str) -> Path:
     path = Path(root)
     if not path.exists():
         raise ConfigError(f"{what} {str(path)!r} does not exist")
@@ -141,13 +134,13 @@ def _check_dir(root: str | os.PathLike[str], what: str) -> Path:
     return path
 
 
-def _is_image(path: Path) -> bool:
+def is_image(path: Path) -> bool:
     return (
         path.is_file() and not path.name.startswith(".") and path.suffix.lower() in IMAGE_EXTENSIONS
     )
 
 
-def _read_rgb(path: Path) -> np.ndarray:
+def read_rgb(path: Path) -> np.ndarray:
     """Read an image file as HxWx3 uint8 RGB; FileFormatError naming the file if unreadable."""
     from PIL import Image, UnidentifiedImageError
 
@@ -165,7 +158,7 @@ def _load_resized(path: Path, size: int) -> torch.Tensor:
     """Read an image, resize to size x size (bilinear, antialiased); float32 [3, S, S] in [0,1]."""
     from PIL import Image
 
-    array = _read_rgb(path)
+    array = read_rgb(path)
     if array.shape[0] != size or array.shape[1] != size:
         resample = Image.Resampling.BILINEAR
         array = np.array(Image.fromarray(array).resize((size, size), resample=resample))
@@ -184,7 +177,7 @@ def load_image_folder(
     other folders are ignored). ``shapes`` and ``textures`` both equal ``labels``.
     """
     size = _check_size(size)
-    root_path = _check_dir(root, "image folder")
+    root_path = check_dir(root, "image folder")
     if class_names is None:
         names = sorted(
             p.name for p in root_path.iterdir() if p.is_dir() and not p.name.startswith(".")
@@ -210,7 +203,7 @@ def load_image_folder(
     tensors: list[torch.Tensor] = []
     labels: list[int] = []
     for label, name in enumerate(names):
-        files = sorted(p for p in (root_path / name).iterdir() if _is_image(p))
+        files = sorted(p for p in (root_path / name).iterdir() if is_image(p))
         if not files:
             raise ConfigError(
                 f"class folder {str(root_path / name)!r} has no images "
@@ -283,14 +276,14 @@ def load_cue_conflict_folder(
     """Load cue-conflict images, flat (``root/dog10-bird2.png``) or in class folders
     (``root/dog/dog10-bird2.png``); shapes and textures come from the file names."""
     size = _check_size(size)
-    root_path = _check_dir(root, "cue-conflict folder")
+    root_path = check_dir(root, "cue-conflict folder")
     names = [str(c) for c in class_names]
     if not names:
         raise ConfigError("class_names is empty; give the class names the file names use")
-    files = [p for p in root_path.iterdir() if _is_image(p)]
+    files = [p for p in root_path.iterdir() if is_image(p)]
     for sub in root_path.iterdir():
         if sub.is_dir() and not sub.name.startswith("."):
-            files.extend(p for p in sub.iterdir() if _is_image(p))
+            files.extend(p for p in sub.iterdir() if is_image(p))
     files.sort(key=lambda p: p.relative_to(root_path).as_posix())
     if not files:
         raise ConfigError(
@@ -315,109 +308,6 @@ def load_cue_conflict_folder(
         class_names=names,
         meta={"files": [p.relative_to(root_path).as_posix() for p in files]},
     )
-
-
-# --------------------------------------------------------------------------------------------
-# Mean pooling (texture removal)
-# --------------------------------------------------------------------------------------------
-
-
-def mean_pool_image(
-    image: np.ndarray,
-    method: str = "slic",
-    n_segments: int = 64,
-    *,
-    compactness: float = 10.0,
-    scale: float = 100.0,
-    sigma: float = 0.5,
-) -> np.ndarray:
-    """Replace every segment of an HxWx3 uint8 image by its mean colour; same shape and dtype.
-
-    method "slic": scikit-image SLIC superpixels, about ``n_segments`` of them (``compactness``
-    trades colour similarity for square-ness). method "felzenszwalb": graph-based segmentation
-    with ``scale`` and ``sigma``; its minimum segment size is H*W / (2 * n_segments), so
-    ``n_segments`` bounds the segment count there too.
-    """
-    if not isinstance(image, np.ndarray) or image.ndim != 3 or image.shape[2] != 3:
-        shape = getattr(image, "shape", None)
-        raise ConfigError(f"mean_pool_image needs an HxWx3 uint8 array, got shape {shape}")
-    if image.dtype != np.uint8:
-        raise ConfigError(f"mean_pool_image needs a uint8 array, got dtype {image.dtype}")
-    if method not in SEGMENTATION_METHODS:
-        raise ConfigError(
-            f"method must be one of {', '.join(SEGMENTATION_METHODS)}, got {method!r}"
-        )
-    if isinstance(n_segments, bool) or not isinstance(n_segments, int) or n_segments < 1:
-        raise ConfigError(f"n_segments must be a positive integer, got {n_segments!r}")
-    from skimage import segmentation
-
-    h, w = image.shape[:2]
-    if method == "slic":
-        segments = segmentation.slic(
-            image,
-            n_segments=n_segments,
-            compactness=compactness,
-            sigma=sigma,
-            start_label=0,
-            channel_axis=-1,
-        )
-    else:
-        min_size = max(1, (h * w) // (2 * n_segments))
-        segments = segmentation.felzenszwalb(
-            image, scale=scale, sigma=sigma, min_size=min_size, channel_axis=-1
-        )
-    _, segments = np.unique(segments.ravel(), return_inverse=True)
-    counts = np.bincount(segments, minlength=1).astype(np.float64)
-    flat = image.reshape(-1, 3).astype(np.float64)
-    means = np.stack([np.bincount(segments, weights=flat[:, c]) / counts for c in range(3)], axis=1)
-    pooled = np.clip(np.rint(means), 0, 255).astype(np.uint8)[segments]
-    return pooled.reshape(image.shape)
-
-
-def _atomic_save(array: np.ndarray, path: Path) -> None:
-    from PIL import Image
-
-    fmt = "JPEG" if path.suffix.lower() in (".jpg", ".jpeg") else "PNG"
-    kwargs = {"quality": 95} if fmt == "JPEG" else {}
-    with atomic_path(path) as tmp:
-        Image.fromarray(array).save(tmp, format=fmt, **kwargs)
-
-
-def mean_pool_folder(
-    in_dir: str | os.PathLike[str],
-    out_dir: str | os.PathLike[str],
-    method: str = "slic",
-    n_segments: int = 64,
-    progress: bool = True,
-) -> int:
-    """Mean-pool every image under ``in_dir`` into the same relative path under ``out_dir``.
-
-    Files that already exist in ``out_dir`` are skipped (so an interrupted run resumes); each
-    output is written atomically. Returns the number of images written by this call.
-    """
-    from tqdm.auto import tqdm
-
-    src = _check_dir(in_dir, "input folder").resolve()
-    dst = Path(out_dir).resolve()
-    if dst == src:
-        raise ConfigError(f"out_dir must differ from in_dir ({str(src)!r})")
-    if dst.exists() and not dst.is_dir():
-        raise ConfigError(f"out_dir {str(dst)!r} exists and is not a directory")
-    files = sorted(p for p in src.rglob("*") if _is_image(p) and not p.is_relative_to(dst))
-    if not files:
-        raise ConfigError(
-            f"input folder {str(src)!r} has no images ({', '.join(IMAGE_EXTENSIONS)})"
-        )
-    written = 0
-    for path in tqdm(files, desc="mean-pool", unit="img", disable=not progress):
-        target = dst / path.relative_to(src)
-        if target.exists():
-            continue
-        pooled = mean_pool_image(_read_rgb(path), method=method, n_segments=n_segments)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        _atomic_save(pooled, target)
-        written += 1
-    return written
 
 
 # --------------------------------------------------------------------------------------------
