@@ -57,7 +57,7 @@ def test_world_validation_names_the_field(kwargs: dict, field: str) -> None:
 
 def test_make_split_validation(world: ShapeWorld) -> None:
     with pytest.raises(ConfigError, match="split"):
-        make_split(world, "texture_only", 4, 0)
+        make_split(world, "mosaic", 4, 0)
     with pytest.raises(ConfigError, match="n must"):
         make_split(world, "natural", 0, 0)
     with pytest.raises(ConfigError, match="shape_ids"):

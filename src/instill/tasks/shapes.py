@@ -14,6 +14,11 @@ Splits (`make_split`):
                    background with its own, so only the silhouette is left. Its hidden textures
                    are drawn independently of the shape, so the fill colour carries no label.
 * ``cue_conflict`` shape i with texture j != i; the set records both.
+* ``texture_only`` label = texture: a natural-style image of a uniformly drawn texture on an
+                   independently drawn shape, cut into a grid of square patches (side
+                   ``size // 8``) that are shuffled per image, so the texture is kept and the
+                   silhouette destroyed (its `masks` are shuffled likewise). Not in `SPLITS`
+                   (the three of the shape-bias experiment); `ALL_SPLITS` holds all four.
 
 Everything is pure torch on the CPU, vectorised over images (loops run over classes only), and
 deterministic given the seed.
@@ -46,6 +51,7 @@ from instill.tasks.shape_atlas import (
 )
 
 __all__ = [
+    "ALL_SPLITS",
     "MAX_CLASSES",
     "SHAPE_NAMES",
     "SPLITS",
@@ -57,6 +63,7 @@ __all__ = [
 ]
 
 SPLITS = ("natural", "shape_only", "cue_conflict")
+ALL_SPLITS = (*SPLITS, "texture_only")
 
 Tensor = torch.Tensor
 _P = ParamSpec("_P")
@@ -257,7 +264,17 @@ def _mean_pool(images: Tensor, mask: Tensor) -> Tensor:
 
 def _split_seed(seed: int, split: str) -> int:
     # A fixed mix of the seed and the split, so the splits of one seed are independent draws.
-    return (seed * 1_000_003 + 7919 * (SPLITS.index(split) + 1)) % (2**63)
+    return (seed * 1_000_003 + 7919 * (ALL_SPLITS.index(split) + 1)) % (2**63)
+
+
+def _shuffle_patches(x: Tensor, side: int, generator: torch.Generator) -> Tensor:
+    """Permute the side x side patches of each image [n, c, S, S] independently."""
+    n, c, size, _ = x.shape
+    g = size // side
+    patches = x.reshape(n, c, g, side, g, side).permute(0, 2, 4, 1, 3, 5).reshape(n, g * g, -1)
+    order = torch.argsort(torch.rand(n, g * g, generator=generator), dim=1)
+    patches = patches.gather(1, order[:, :, None].expand_as(patches))
+    return patches.reshape(n, g, g, c, side, side).permute(0, 3, 1, 4, 2, 5).reshape(x.shape)
 
 
 def _other_class(ids: Tensor, k: int, generator: torch.Generator) -> Tensor:
@@ -267,15 +284,16 @@ def _other_class(ids: Tensor, k: int, generator: torch.Generator) -> Tensor:
 
 @_single_threaded
 def make_split(world: ShapeWorld, split: str, n: int, seed: int) -> ImageSet:
-    """Generate ``n`` images of one split ("natural", "shape_only" or "cue_conflict").
+    """Generate ``n`` images of one split ("natural", "shape_only", "cue_conflict" or
+    "texture_only", whose labels are textures).
 
     Shape classes are balanced (each appears n // K or n // K + 1 times, shuffled). The result
     is a deterministic function of (world, split, n, seed).
     """
     if not isinstance(world, ShapeWorld):
         raise ConfigError(f"world must be a ShapeWorld, got {type(world).__name__}")
-    if split not in SPLITS:
-        raise ConfigError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+    if split not in ALL_SPLITS:
+        raise ConfigError(f"split must be one of {', '.join(ALL_SPLITS)}, got {split!r}")
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ConfigError(f"n must be a positive integer, got {n!r}")
     if isinstance(seed, bool) or not isinstance(seed, int):
@@ -286,7 +304,7 @@ def make_split(world: ShapeWorld, split: str, n: int, seed: int) -> ImageSet:
     if split == "natural":
         keep = torch.rand(n, generator=gen) < world.rho
         textures = torch.where(keep, shapes, _other_class(shapes, k, gen))
-    elif split == "shape_only":
+    elif split in ("shape_only", "texture_only"):
         textures = torch.randint(0, k, (n,), generator=gen)
     else:
         textures = _other_class(shapes, k, gen)
@@ -294,9 +312,15 @@ def make_split(world: ShapeWorld, split: str, n: int, seed: int) -> ImageSet:
     images, masks = world.render(shapes, textures, gen, poses=poses)
     if split == "shape_only":
         images = _mean_pool(images, masks)
+    if split == "texture_only":
+        side = max(1, world.size // 8)
+        state = gen.get_state()
+        images = _shuffle_patches(images, side, gen)
+        gen.set_state(state)  # the same permutation for the masks
+        masks = _shuffle_patches(masks[:, None].float(), side, gen)[:, 0].bool()
     return ImageSet(
         images=images.contiguous(),
-        labels=shapes.clone(),
+        labels=(textures if split == "texture_only" else shapes).clone(),
         shapes=shapes,
         textures=textures,
         split=split,

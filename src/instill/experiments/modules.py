@@ -1,0 +1,442 @@
+"""Several subtasks in one model: modularity, overlap, union induction and compression.
+
+For each of `replicates` pipelines: train (or reuse, `from_run`) a base model on `base`,
+discover one subnetwork per subtask and one for the base task itself (same settings each),
+then measure their overlap against chance, cross-ablation against same-size random ablation
+and the weights no subnetwork uses ("frivolous"); gates check the base model and that every
+subtask's subnetwork computes its subtask alone. Cells: union induction (the union of two
+subnetworks transplanted, against each alone, on one target per subnetwork) and compression
+points (magnitude and torch's pruning, a continuous-sparsification lambda sweep, hard concrete
+and top-k on the base task). The config and presets are in `modules_config`, the report (with
+intervals over pipelines) in `modules_report`.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from instill.analysis import (
+    chance_overlap,
+    cross_ablation,
+    file_sizes,
+    frivolous,
+    magnitude_mask,
+    overlap_matrix,
+    save_sparse,
+    torch_prune_reference,
+)
+from instill.checkpoint import load_model, save_model
+from instill.core import Subnetwork, apply_subnetwork
+from instill.core.targets import select_parameters
+from instill.errors import ConfigError, FileFormatError, SubnetworkMismatchError
+from instill.experiments.arithmetic import base_splits
+from instill.experiments.common import starting_model
+from instill.experiments.executors import LocalExecutor
+from instill.experiments.framework import Cell, Experiment, once, read_json, unusable
+from instill.experiments.modules_config import (
+    MODEL_KEYS,
+    PRESETS,
+    UNION_CONDITIONS,
+    CompressionConfig,
+    ModulesConfig,
+    ModulesGates,
+    UnionConfig,
+    load_config,
+)
+from instill.experiments.modules_report import write_report
+from instill.experiments.pipeline import Gate, failed
+from instill.models import build_model
+from instill.runio import load_config_file, to_dict
+from instill.storage import atomic_write_bytes, write_json
+from instill.tasks.arithmetic import (
+    ArithmeticSpec,
+    make_sequences,
+    make_target_splits,
+    sample_pairs,
+)
+from instill.tasks.expr import parse
+from instill.tasks.sequences import SequenceTask
+from instill.training import discover, fit
+
+
+def pruned(model: nn.Module, sub: Subnetwork) -> nn.Module:
+    """A plain copy of `model` with every targeted weight outside `sub` set to zero."""
+    sub.check_model(model)
+    out = copy.deepcopy(model)
+    params = dict(out.named_parameters())
+    with torch.no_grad():
+        for name, mask in sub.masks.items():
+            params[name].mul_(mask.to(params[name].device, params[name].dtype))
+    return out
+
+
+def union_model(trained: nn.Module, first: Subnetwork, second: Subnetwork,
+                seed: int) -> nn.Module:
+    """The union of two subnetworks transplanted (frozen) into a fresh model (Subtask Induction
+    of both at once)."""
+    return starting_model("subnet", trained, first | second, seed, freeze=True)
+
+
+class ModulesRun(Experiment):
+    """One run directory: `pipelines/r{r}/a{i}/` holds a base model, `sub-{k}.safetensors` per
+    subtask k (index in `subtasks`), `sub-base.safetensors` and `analysis.json`; `cells/` the
+    union-induction and compression records."""
+
+    name = "modules"
+    config_class = ModulesConfig
+
+    def __init__(self, cfg: ModulesConfig, out: str | Path, log=print, **options: Any) -> None:
+        super().__init__(cfg, out, log, **options)
+        self.spec = ArithmeticSpec(numbers=cfg.numbers, modulus=cfg.modulus)
+        self.task = SequenceTask(self.spec, cfg.loss)
+        self.names = [*cfg.subtasks, "base"]
+        self.exprs = {"base": parse(cfg.base), **{s: parse(s) for s in cfg.subtasks}}
+        self._sources: dict[tuple[int, int], tuple[nn.Module, dict[str, Subnetwork]]] = {}
+
+    def build(self) -> nn.Module:
+        c = self.cfg
+        return build_model("gpt2", vocab_size=self.spec.vocab_size, n_positions=4,
+                           n_embd=c.n_embd, n_layer=c.layers, n_head=c.n_head,
+                           dropout=c.dropout, activation=c.activation)
+
+    def sequences(self, expr: str, n: int, seed: int) -> Tensor:
+        a, b = sample_pairs(n, self.spec, torch.Generator().manual_seed(seed))
+        return make_sequences(a, b, self.exprs[expr] if expr in self.exprs else parse(expr),
+                              self.spec)
+
+    def sub_file(self, where: str, name: str) -> str:
+        tag = "base" if name == "base" else str(self.cfg.subtasks.index(name))
+        return f"{where}/sub-{tag}.safetensors"
+
+    def prepare(self) -> list[str]:
+        mask = self.cfg.discovery.mask
+        with torch.random.fork_rng(devices=[]):
+            select_parameters(self.build(), mask.targets, mask.exclude, mask.mask_bias)
+        if self.cfg.from_run:
+            self.source_units()
+        return []
+
+    def pipelines(self) -> list[tuple[int]]:
+        return [(r,) for r in range(self.cfg.replicates)]
+
+    def pipeline_dir(self, unit: tuple) -> str:
+        return f"pipelines/r{unit[0]}"
+
+    # -- base model: trained here or reused -------------------------------------------------
+    def source_units(self) -> list[Path]:
+        """The reused run's chosen base attempt per replicate; a clear error unless it trained
+        the same base task and model at this depth, with enough replicates."""
+        root = Path(self.cfg.from_run or "")
+        if not (root / "config.json").is_file():
+            raise ConfigError(f"--from {root}: no config.json there; pass the directory of an "
+                              "`instill arithmetic` run (the --out it was given)")
+        recorded = load_config_file(root / "config.json").get("config", {})
+        mine = to_dict(self.cfg)
+        for key in MODEL_KEYS:
+            theirs = recorded.get(key)
+            if (str(theirs).replace(" ", "") if key == "base" else theirs) != \
+                    (str(mine[key]).replace(" ", "") if key == "base" else mine[key]):
+                raise ConfigError(f"--from {root}: its {key} is {theirs!r} but this run needs "
+                                  f"{mine[key]!r}; pass --set {key}=... to match that run, or "
+                                  "train the base here (no --from)")
+        if self.cfg.layers not in recorded.get("layers", []):
+            raise ConfigError(f"--from {root}: it trained depths {recorded.get('layers')}, not "
+                              f"layers={self.cfg.layers}; pass --set layers=<one of them>")
+        paths = []
+        for r in range(self.cfg.replicates):
+            unit = root / f"pipelines/L{self.cfg.layers}-r{r}"
+            if not (unit / "attempts.json").is_file():
+                raise ConfigError(f"--from {root}: no finished pipeline {unit.name} (it has "
+                                  "fewer replicates); lower --replicates")
+            attempt = load_config_file(unit / "attempts.json")["attempt"]
+            paths.append(unit / f"a{attempt}")
+        return paths
+
+    def base_phase(self, replicate: int, attempt: int) -> dict[str, Any]:
+        """Train (or copy from `from_run`) the base model of this attempt; its record."""
+        where = self.attempt_dir((replicate,), attempt)
+        once(self.run, [f"{where}/base.json", f"{where}/base.safetensors"],
+             lambda: self._base(replicate, attempt, where))
+        return read_json(self.run, f"{where}/base.json", "retrain it")
+
+    def _base(self, replicate: int, attempt: int, where: str) -> None:
+        if self.cfg.from_run:
+            source = self.source_units()[replicate]
+            info = {**load_config_file(source / "base.json"), "source": str(source)}
+            atomic_write_bytes(self.run.path(f"{where}/base.safetensors"),
+                               (source / "base.safetensors").read_bytes())
+            write_json(self.run.path(f"{where}/base.json"), info)
+            return
+        seed = self.seed("base", replicate, attempt)
+        torch.manual_seed(seed)
+        model = self.build()
+        train, val, test = base_splits(self.exprs["base"], self.spec, self.cfg.base_samples,
+                                       self.cfg.base_val, seed)
+        result = fit(model, [train], self.task.loss, self.cfg.base_fit, seed=seed,
+                     evaluate=lambda m: self.task.accuracy(m, val), desc=f"base r{replicate}")
+        info = {"replicate": replicate, "attempt": attempt, "seed": seed,
+                "val_accuracy": result.best_score, "test_accuracy": self.task.accuracy(model, test),
+                "best_epoch": result.best_epoch}
+        save_model(self.run.path(f"{where}/base.safetensors"), model)
+        write_json(self.run.path(f"{where}/base.json"), info)
+        self.log(f"base r{replicate} a{attempt}: `{self.cfg.base}` held-out accuracy "
+                 f"{info['test_accuracy']:.3f}")
+
+    def base_model(self, replicate: int, attempt: int) -> nn.Module:
+        path = self.run.path(f"{self.attempt_dir((replicate,), attempt)}/base.safetensors")
+        model = self.build()
+        try:
+            load_model(path, model)
+        except (FileFormatError, SubnetworkMismatchError) as err:
+            raise unusable(err, path, "retrain (or recopy) it") from None
+        return model.eval()
+
+    # -- subnetworks and their analyses -----------------------------------------------------
+    def subnetworks(self, replicate: int, attempt: int, model: nn.Module
+                    ) -> dict[str, Subnetwork]:
+        """One subnetwork per subtask and one for the base task, same discovery settings."""
+        where, out = self.attempt_dir((replicate,), attempt), {}
+        for k, name in enumerate(self.names):
+            file = self.sub_file(where, name)
+
+            def compute(name: str = name, k: int = k, file: str = file) -> None:
+                seed = self.seed("discovery", replicate, attempt, k)
+                torch.manual_seed(seed)
+                data = self.sequences(name, self.cfg.subtask_samples, seed)
+                sub, _ = discover(model, [data], self.task.loss, self.cfg.discovery, seed=seed,
+                                  desc=f"discover {name} r{replicate}")
+                Subnetwork(sub.masks, sub.fingerprint, {**sub.metadata, "subtask": name}
+                           ).save(self.run.path(file))
+
+            once(self.run, [file], compute)
+            try:
+                out[name] = Subnetwork.load(self.run.path(file))
+                out[name].check_model(model)
+            except (FileFormatError, SubnetworkMismatchError) as err:
+                raise unusable(err, self.run.path(file), "rediscover it") from None
+        return out
+
+    def metrics(self, replicate: int) -> dict[str, Any]:
+        """Accuracy on each task's own evaluation pairs (one draw per replicate)."""
+        seed = self.seed("eval", replicate)
+        sets = {n: self.sequences(n, self.cfg.eval_samples, seed + k)
+                for k, n in enumerate(self.names)}
+        return {n: (lambda m, s=s: self.task.accuracy(m, s)) for n, s in sets.items()}
+
+    def analysis(self, replicate: int, attempt: int) -> dict[str, Any]:
+        """Overlap (and chance), cross-ablation (and random control), frivolous weights."""
+        name = f"{self.attempt_dir((replicate,), attempt)}/analysis.json"
+
+        def compute() -> None:
+            model = self.base_model(replicate, attempt)
+            subs = self.subnetworks(replicate, attempt, model)
+            metrics, seed = self.metrics(replicate), self.seed("ablation", replicate)
+            alone = {}
+            for n, sub in subs.items():
+                with apply_subnetwork(model, sub, "keep"):
+                    alone[n] = metrics[n](model)
+            # The base model outputs the base task only, so subtask j is read from subnetwork
+            # j alone: entry (i, j) is subnetwork j's subtask accuracy with i's weights removed.
+            def within(j: str):
+                return lambda m: _kept(m, subs[j], metrics[j])
+            reads = {**{j: within(j) for j in self.cfg.subtasks}, "base": metrics["base"]}
+            task_subs = {n: subs[n] for n in self.cfg.subtasks}
+            unused = frivolous(task_subs, base=subs["base"])
+            with apply_subnetwork(model, unused, "ablate"):
+                without = metrics["base"](model)
+            control = unused.sample_like(torch.Generator().manual_seed(seed))
+            with apply_subnetwork(model, control, "ablate"):
+                without_random = metrics["base"](model)
+            write_json(self.run.path(name), {
+                "alone": alone, "full": {n: f(model) for n, f in metrics.items()},
+                "density": {n: s.density() for n, s in subs.items()},
+                "per_layer_density": {n: s.per_layer_density() for n, s in subs.items()},
+                "overlap": overlap_matrix(subs),
+                "chance": {i: {j: chance_overlap(subs[i], subs[j]) for j in self.names}
+                           for i in self.names},
+                "cross_ablation": cross_ablation(model, task_subs, reads, seed),
+                "frivolous": {"fraction": unused.density(), "kept": unused.kept(),
+                              "base_accuracy_full": metrics["base"](model),
+                              "base_accuracy_removed": without,
+                              "base_accuracy_random_removed": without_random}})
+
+        once(self.run, [name], compute)
+        return read_json(self.run, name, "recompute it")
+
+    def attempt(self, unit: tuple, attempt: int) -> list[Gate]:
+        (replicate,), gates = unit, self.cfg.gates
+        base = self.base_phase(replicate, attempt)
+        checks = [Gate("base accuracy", base["test_accuracy"], gates.base_accuracy,
+                       "the base model did not learn its task: train longer (base_fit.epochs), "
+                       "with more data (base_samples) or another lr")]
+        if failed(checks):
+            return checks
+        alone = self.complete(unit, attempt)["alone"]
+        return [*checks, *(Gate(f"`{n}` subnetwork alone", alone[n], gates.subnetwork_accuracy,
+                                "discovery did not find this subtask's subnetwork: train the "
+                                "masks longer (discovery.epochs) or with another lr")
+                           for n in self.cfg.subtasks)]
+
+    def complete(self, unit: tuple, attempt: int) -> dict[str, Any]:
+        """The analyses, and the base subnetwork's pruned model as a sparse file (`bake`)."""
+        record = self.analysis(unit[0], attempt)
+        name = f"{self.attempt_dir(unit, attempt)}/pruned-base.safetensors"
+
+        def bake() -> None:
+            model, subs = self.source(unit[0], attempt)
+            save_sparse(self.run.path(name), pruned(model, subs["base"]))
+
+        once(self.run, [name], bake)
+        return record
+
+    # -- cells ------------------------------------------------------------------------------
+    def source(self, replicate: int, attempt: int) -> tuple[nn.Module, dict[str, Subnetwork]]:
+        key = (replicate, attempt)
+        if key not in self._sources:
+            model = self.base_model(replicate, attempt)
+            self._sources[key] = model, self.subnetworks(replicate, attempt, model)
+        return self._sources[key]
+
+    def cells(self, chosen: dict[tuple, dict[str, Any]]) -> list[Cell]:
+        out, c = [], self.cfg
+        for (r,), record in chosen.items():
+            i = record["attempt"]
+            where = self.attempt_dir((r,), i)
+            inputs = (f"{where}/base.safetensors",
+                      *(self.sub_file(where, n) for n in self.names))
+            if c.union.enabled:
+                out += [Cell(f"r{r}-a{i}-union-t{t}-n{n}", ("union", r, i, float(t), n), inputs,
+                             cost=4 * (n + 300)) for t in range(2) for n in c.union.grid]
+            points = [("magnitude", 0.0), *(("continuous", lam) for lam in c.compression.lambdas),
+                      *(("top_k", f) for f in c.compression.top_k)]
+            if c.compression.hard_concrete_lambda is not None:
+                points.append(("hard_concrete", c.compression.hard_concrete_lambda))
+            out += [Cell(f"r{r}-a{i}-{m}-{p:g}", (m, r, i, p, 0), inputs, cost=2000)
+                    for m, p in points]
+        return out
+
+    def cell(self, kind: str, replicate: int, attempt: int, param: float, n: int
+             ) -> dict[str, Any]:
+        if kind == "union":
+            return {"rows": self._union(replicate, attempt, int(param), n)}
+        return {"rows": self._compress(kind, replicate, attempt, param)}
+
+    def _union(self, replicate: int, attempt: int, t: int, n: int) -> list[dict[str, Any]]:
+        trained, subs = self.source(replicate, attempt)
+        u = self.cfg.union
+        first, second = (subs[p] for p in u.pair)
+        splits = make_target_splits(parse(u.targets[t]), self.spec, max(u.grid), u.n_val,
+                                    u.n_test, seed=self.seed("target", replicate, t))
+        train, val, test = splits.train_sequences(n), splits.val_sequences(), \
+            splits.test_sequences()
+        seed, rows = self.seed("union", replicate, t, n), []
+        for condition in UNION_CONDITIONS:
+            torch.manual_seed(seed)
+            model = {"union": lambda: union_model(trained, first, second, seed),
+                     "first": lambda: starting_model("subnet", trained, first, seed),
+                     "second": lambda: starting_model("subnet", trained, second, seed),
+                     "random": lambda: starting_model("random", trained, first, seed)
+                     }[condition]()
+            result = fit(model, [train], self.task.loss, u.induction_fit, seed=seed,
+                         evaluate=lambda m: self.task.accuracy(m, val),
+                         desc=f"{condition} r{replicate} t{t} n={n}")
+            rows.append({"kind": "union", "replicate": replicate, "target": u.targets[t],
+                         "condition": condition, "n": n,
+                         "accuracy": self.task.accuracy(model, test),
+                         "val_accuracy": result.best_score})
+        return rows
+
+    def _compress(self, method: str, replicate: int, attempt: int, param: float
+                  ) -> list[dict[str, Any]]:
+        model, _ = self.source(replicate, attempt)
+        metric = self.metrics(replicate)["base"]
+        mask = self.cfg.discovery.mask
+        masks: list[tuple[str, float, Subnetwork]] = []
+        if method == "magnitude":
+            names = list(select_parameters(model, mask.targets, mask.exclude, mask.mask_bias))
+            for f in [1.0, *self.cfg.compression.fractions]:
+                masks.append(("magnitude", f, magnitude_mask(
+                    model, f, scope="global", targets=mask.targets, exclude=mask.exclude,
+                    mask_bias=mask.mask_bias)))
+                masks.append(("torch_prune", f, torch_prune_reference(model, f, names)))
+        else:
+            overrides = {"continuous": {"l0_lambda": param},
+                         "hard_concrete": {"method": "hard_concrete", "l0_lambda": param},
+                         "top_k": {"method": "top_k", "keep": param, "scope": "layer"}}[method]
+            cfg = dataclasses.replace(self.cfg.discovery,
+                                      mask=dataclasses.replace(mask, **overrides))
+            seed = self.seed("compress", replicate, method, repr(param))
+            torch.manual_seed(seed)
+            data = self.sequences("base", self.cfg.compression.samples, seed)
+            sub, _ = discover(model, [data], self.task.loss, cfg, seed=seed,
+                              desc=f"{method} {param:g} r{replicate}")
+            masks.append((method, param, sub))
+        rows = []
+        for name, value, sub in masks:
+            with apply_subnetwork(model, sub, "keep"):
+                accuracy = metric(model)
+            rows.append({"kind": "compression", "replicate": replicate, "method": name,
+                         "param": value, "density": sub.density(), "kept": sub.kept(),
+                         "accuracy": accuracy, **file_sizes(model, pruned(model, sub))})
+        return rows
+
+    def report(self, chosen: dict[tuple, dict[str, Any]], cells: list[Cell],
+               records: list[dict[str, Any]]) -> dict[str, Any]:
+        rows = [row for record in records for row in record["rows"]]
+        analyses = {f"r{r}": read_json(self.run, f"{self.attempt_dir((r,), c['attempt'])}"
+                                       "/analysis.json") for (r,), c in chosen.items()}
+        return write_report(self.run, to_dict(self.cfg), to_dict(ModulesConfig()), rows,
+                            analyses, {f"r{r}": c for (r,), c in chosen.items()},
+                            self.warnings)
+
+
+def _kept(model: nn.Module, sub: Subnetwork, metric) -> float:
+    with apply_subnetwork(model, sub, "keep"):
+        return metric(model)
+
+
+def bake_pruned(run_dir: str | Path, replicate: int, mask: str, out: str | Path) -> dict:
+    """Export a modules run's base model of one replicate, pruned to `mask` (`base`, a subtask
+    expression, or `magnitude:F` for a global magnitude mask keeping the fraction F), as a
+    sparse safetensors file; returns its dense and sparse sizes."""
+    root = Path(run_dir)
+    if not (root / "config.json").is_file():
+        raise ConfigError(f"{root} has no config.json; pass the --out of an `instill modules` run")
+    cfg = load_config(None, load_config_file(root / "config.json").get("config", {}))
+    run = ModulesRun(cfg, root, lambda _: None)
+    attempts = root / f"pipelines/r{replicate}/attempts.json"
+    if not attempts.is_file():
+        raise ConfigError(f"{root} has no finished pipeline r{replicate}; choose a replicate "
+                          f"below {cfg.replicates}")
+    model, subs = run.source(replicate, load_config_file(attempts)["attempt"])
+    if mask.startswith("magnitude:"):
+        try:
+            sub = magnitude_mask(model, float(mask.split(":", 1)[1]), scope="global",
+                                 targets=cfg.discovery.mask.targets,
+                                 exclude=cfg.discovery.mask.exclude)
+        except ValueError:
+            raise ConfigError(f"--mask {mask!r}: write magnitude:F with F in (0, 1]") from None
+    elif mask in subs:
+        sub = subs[mask]
+    else:
+        raise ConfigError(f"--mask {mask!r} is none of {list(subs)} or magnitude:F")
+    baked = pruned(model, sub)
+    save_sparse(out, baked)
+    return {**file_sizes(model, baked), "density": sub.density()}
+
+
+def run_modules(cfg: ModulesConfig, out: str | Path, log=print, threads: int = 1,
+                workers: int = 1) -> dict[str, Any]:
+    """Run the whole experiment into `out`; returns the summary."""
+    torch.set_num_threads(threads)
+    return ModulesRun(cfg, out, log, threads=threads, executor=LocalExecutor(workers)).execute()
+
+
+__all__ = ["PRESETS", "CompressionConfig", "ModulesConfig", "ModulesGates", "ModulesRun",
+           "UnionConfig", "bake_pruned", "load_config", "pruned", "run_modules", "union_model"]
