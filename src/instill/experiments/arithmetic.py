@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from instill.checkpoint import load_model, save_model
 from instill.core import Subnetwork
 from instill.core.targets import select_parameters
-from instill.errors import ConfigError, FileFormatError, SubnetworkMismatchError
+from instill.errors import FileFormatError, SubnetworkMismatchError
 from instill.experiments.arithmetic_config import (
     PRESETS,
     ArithmeticConfig,
@@ -39,10 +39,10 @@ from instill.storage import write_json
 from instill.tasks.arithmetic import (
     ArithmeticSpec,
     TargetSplits,
+    base_splits,
     check_ambiguity,
     make_sequences,
     make_target_splits,
-    pair_codes,
     sample_pairs,
 )
 from instill.tasks.expr import Expression, parse
@@ -259,26 +259,6 @@ class ArithmeticRun(Experiment):
         return write_report(self.run, self.cfg, rows, verify, self.warnings,
                             {f"L{d}-r{r}": c for (d, r), c in chosen.items()},
                             to_dict(ArithmeticConfig()), to_dict(self.cfg))
-
-
-def base_splits(expr: Expression, spec: ArithmeticSpec, samples: int, val: int,
-                seed: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Training sequences of a base task, and validation and test sequences on pairs that
-    training never shows (so the base gate measures the rule, not memory)."""
-    gen = torch.Generator().manual_seed(seed)
-    train = sample_pairs(samples, spec, gen)
-    seen = torch.unique(pair_codes(*train, spec))
-    held = spec.num_pairs - seen.numel()
-    if held < 2 * val:
-        raise ConfigError(
-            f"base_samples={samples} leave {held} of {spec.num_pairs} "
-            f"pairs unseen, fewer than the {2 * val} held-out validation and "
-            "test pairs (2 x base_val) the base gate needs; lower base_samples or base_val, "
-            "or raise numbers")
-    val_test = sample_pairs(2 * val, spec, gen, exclude=seen, unique=True, cover=False)
-    return tuple(make_sequences(a, b, expr, spec)  # type: ignore[return-value]
-                 for a, b in (train, (val_test[0][:val], val_test[1][:val]),
-                              (val_test[0][val:], val_test[1][val:])))
 
 
 def _acc(pred: Tensor, seqs: Tensor, expr: Expression, spec: ArithmeticSpec) -> float:

@@ -35,7 +35,6 @@ from instill.checkpoint import load_model, save_model
 from instill.core import Subnetwork, apply_subnetwork
 from instill.core.targets import select_parameters
 from instill.errors import ConfigError, FileFormatError, SubnetworkMismatchError
-from instill.experiments.arithmetic import base_splits
 from instill.experiments.common import starting_model
 from instill.experiments.executors import LocalExecutor
 from instill.experiments.framework import Cell, Experiment, once, read_json, unusable
@@ -56,6 +55,7 @@ from instill.runio import load_config_file, to_dict
 from instill.storage import atomic_write_bytes, write_json
 from instill.tasks.arithmetic import (
     ArithmeticSpec,
+    base_splits,
     make_sequences,
     make_target_splits,
     sample_pairs,

@@ -21,6 +21,7 @@ __all__ = [
     "TargetSplits",
     "accuracy_under",
     "ambiguous_pairs",
+    "base_splits",
     "check_ambiguity",
     "make_sequences",
     "make_target_splits",
@@ -350,3 +351,23 @@ def accuracy_under(
         raise ValueError("cannot compute accuracy on zero samples")
     expected = _as_expression(expr).evaluate(a, b, spec.modulus).to(predictions.device)
     return float((predictions.to(torch.int64) == expected).double().mean())
+
+
+def base_splits(expr: Expression, spec: ArithmeticSpec, samples: int, val: int,
+                seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Training sequences of a base task, and validation and test sequences on pairs that
+    training never shows (so the base gate measures the rule, not memory)."""
+    gen = torch.Generator().manual_seed(seed)
+    train = sample_pairs(samples, spec, gen)
+    seen = torch.unique(pair_codes(*train, spec))
+    held = spec.num_pairs - seen.numel()
+    if held < 2 * val:
+        raise ConfigError(
+            f"base_samples={samples} leave {held} of {spec.num_pairs} "
+            f"pairs unseen, fewer than the {2 * val} held-out validation and "
+            "test pairs (2 x base_val) the base gate needs; lower base_samples or base_val, "
+            "or raise numbers")
+    val_test = sample_pairs(2 * val, spec, gen, exclude=seen, unique=True, cover=False)
+    return tuple(make_sequences(a, b, expr, spec)  # type: ignore[return-value]
+                 for a, b in (train, (val_test[0][:val], val_test[1][:val]),
+                              (val_test[0][val:], val_test[1][val:])))
