@@ -307,7 +307,7 @@ if __name__ == "__main__":
 
 @main.command()
 @run_options("5 replicates of 6 methods on 4 arithmetic tasks, about 10 minutes on a 2-core "
-             "CPU", "8 replicates, every method")
+             "CPU", "8 replicates, every method, 60 epochs")
 @click.option("--task", type=click.Choice(["arithmetic", "shapes"]),
               help="Task sequence (only arithmetic is implemented so far).")
 @click.option("--sequence", help="Semicolon-separated task expressions, e.g. 'a + b;a*b'.")
