@@ -219,12 +219,10 @@ def shapebias(preset, config_file, out, assignments, threads, workers, device, e
 @click.option("--subtasks", help="Comma-separated subtask expressions, e.g. 'a^2,a*b,b'.")
 @click.option("--replicates", type=int, help="Independent pipelines (base model, subnetworks).")
 @click.option("--seed", type=int, help="Base random seed.")
-@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True,
-              help="Torch threads per process (tiny models run fastest on one).")
-@click.option("--workers", type=click.IntRange(min=1), default=None,
-              help="Processes running pipelines and cells side by side [default: CPU count].")
+@compute_options
 @user_errors
-def modules(preset, config_file, out, assignments, threads, workers, **flags) -> None:
+def modules(preset, config_file, out, assignments, threads, workers, device, executor, address,
+            **flags) -> None:
     """Several subtasks in one model: overlap, cross-ablation, union induction, compression."""
     from instill.experiments.modules import load_config, run_modules
 
@@ -235,8 +233,8 @@ def modules(preset, config_file, out, assignments, threads, workers, **flags) ->
     }
     cfg = _config(load_config, preset, config_file, overrides, assignments)
     start = time.perf_counter()
-    summary = run_modules(cfg, out, log=click.echo, threads=threads,
-                          workers=workers or os.cpu_count() or 1)
+    summary = run_modules(cfg, out, log=click.echo, threads=threads, device=device,
+                          executor=_executor(executor, workers, address))
     click.echo(summary["headline"])
     click.echo(f"done in {time.perf_counter() - start:.0f} s; report: {out / 'report.md'}")
 
@@ -301,9 +299,6 @@ def meanpool(in_dir, out_dir, method, segments) -> None:
     click.echo(f"wrote {written} image(s) to {out_dir}")
 
 
-if __name__ == "__main__":
-    main()
-
 
 @main.command()
 @run_options("5 replicates of 6 methods on 4 arithmetic tasks, about 10 minutes on a 2-core "
@@ -315,15 +310,10 @@ if __name__ == "__main__":
                                 "packnet-reinit,finetune,joint,independent.")
 @click.option("--replicates", type=int, help="Independent replicates (initial model, seeds).")
 @click.option("--seed", type=int, help="Base random seed.")
-@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True,
-              help="Torch threads per process (tiny models run fastest on one).")
-@click.option("--workers", type=click.IntRange(min=1), default=None,
-              help="Processes running (replicate, method) pipelines side by side "
-                   "[default: CPU count].")
-@click.option("--device", default="cpu", show_default=True,
-              help="Torch device of every process (the models are CPU-sized).")
+@compute_options
 @user_errors
-def continual(preset, config_file, out, assignments, threads, workers, device, **flags) -> None:
+def continual(preset, config_file, out, assignments, threads, workers, device, executor,
+              address, **flags) -> None:
     """Continual learning: isolate each task's discovered subnetwork; compare with PackNet,
     fine-tuning and joint training."""
     from instill.experiments.continual import load_config, run_continual
@@ -338,8 +328,11 @@ def continual(preset, config_file, out, assignments, threads, workers, device, *
     }
     cfg = _config(load_config, preset, config_file, overrides, assignments)
     start = time.perf_counter()
-    workers = workers or os.cpu_count() or 1
-    summary = run_continual(cfg, out, log=click.echo, threads=threads, workers=workers,
-                            device=device)
+    summary = run_continual(cfg, out, log=click.echo, threads=threads, device=device,
+                            executor=_executor(executor, workers, address))
     click.echo(summary["headline"])
     click.echo(f"done in {time.perf_counter() - start:.0f} s; report: {out / 'report.md'}")
+
+
+if __name__ == "__main__":
+    main()

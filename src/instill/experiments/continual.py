@@ -33,7 +33,7 @@ from instill.core.isolation import Allocation, CapacityError, isolate, packnet_p
 from instill.errors import ConfigError, ExpressionError, FileFormatError
 from instill.experiments.common import layered_config
 from instill.experiments.continual_report import write_report
-from instill.experiments.executors import LocalExecutor
+from instill.experiments.executors import Executor, LocalExecutor
 from instill.experiments.framework import Cell, Experiment, once, read_json, unusable
 from instill.experiments.pipeline import Gate, GatePolicy
 from instill.models import build_model, check_activation
@@ -361,12 +361,13 @@ class ContinualRun(Experiment):
 
 
 def run_continual(cfg: ContinualConfig, out: str | Path, log=print, threads: int = 1,
-                  workers: int = 1, device: str = "cpu") -> dict[str, Any]:
+                  workers: int = 1, device: str = "cpu",
+                  executor: Executor | None = None) -> dict[str, Any]:
     """Run the whole experiment into `out`; returns the summary. Pipelines (replicate x
     method) run side by side in `workers` processes; results do not depend on it."""
     torch.set_num_threads(threads)
     return ContinualRun(cfg, out, log, threads=threads, device=device,
-                        executor=LocalExecutor(workers)).execute()
+                        executor=executor or LocalExecutor(workers)).execute()
 
 
 __all__ = ["METHODS", "PRESETS", "ContinualConfig", "ContinualGates", "ContinualRun",

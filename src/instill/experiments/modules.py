@@ -36,7 +36,7 @@ from instill.core import Subnetwork, apply_subnetwork
 from instill.core.targets import select_parameters
 from instill.errors import ConfigError, FileFormatError, SubnetworkMismatchError
 from instill.experiments.common import starting_model
-from instill.experiments.executors import LocalExecutor
+from instill.experiments.executors import Executor, LocalExecutor
 from instill.experiments.framework import Cell, Experiment, once, read_json, unusable
 from instill.experiments.modules_config import (
     MODEL_KEYS,
@@ -93,6 +93,9 @@ class ModulesRun(Experiment):
 
     def __init__(self, cfg: ModulesConfig, out: str | Path, log=print, **options: Any) -> None:
         super().__init__(cfg, out, log, **options)
+        if self.device.type != "cpu":
+            raise ConfigError(f"instill modules runs on the CPU only so far (got --device "
+                              f"{self.device}); drop --device")
         self.spec = ArithmeticSpec(numbers=cfg.numbers, modulus=cfg.modulus)
         self.task = SequenceTask(self.spec, cfg.loss)
         self.names = [*cfg.subtasks, "base"]
@@ -432,10 +435,12 @@ def bake_pruned(run_dir: str | Path, replicate: int, mask: str, out: str | Path)
 
 
 def run_modules(cfg: ModulesConfig, out: str | Path, log=print, threads: int = 1,
-                workers: int = 1) -> dict[str, Any]:
+                workers: int = 1, device: str = "cpu",
+                executor: Executor | None = None) -> dict[str, Any]:
     """Run the whole experiment into `out`; returns the summary."""
     torch.set_num_threads(threads)
-    return ModulesRun(cfg, out, log, threads=threads, executor=LocalExecutor(workers)).execute()
+    return ModulesRun(cfg, out, log, threads=threads, device=device,
+                      executor=executor or LocalExecutor(workers)).execute()
 
 
 __all__ = ["PRESETS", "CompressionConfig", "ModulesConfig", "ModulesGates", "ModulesRun",
