@@ -120,7 +120,7 @@ def main() -> None:
 
 
 @main.command()
-@run_options("5 replicate pipelines, about 15 minutes on a 2-core CPU",
+@run_options("6 replicate pipelines, about 12 minutes on a 2-core CPU",
              "the paper's settings, GPU-sized")
 @click.option("--base", help="Base task expression, e.g. 'a + a*b'.")
 @click.option("--subtask", help="Subtask expression the subnetwork is found for, e.g. 'a*b'.")
@@ -209,7 +209,7 @@ def shapebias(preset, config_file, out, assignments, threads, workers, device, e
 
 
 @main.command()
-@run_options("5 replicate pipelines, about 15 minutes on a 2-core CPU",
+@run_options("5 replicate pipelines, about 24 minutes on a shared 2-core CPU (not timed idle)",
              "the paper-sized model and data, GPU-sized")
 @click.option("--task", type=click.Choice(["arithmetic", "shapes"]),
               help="Arithmetic (built in) or the shapes world (not implemented yet).")
