@@ -36,8 +36,9 @@ from instill.runio import RUN_FORMAT_VERSION, configfiles, load_config_file, to_
 torch.set_num_threads(1)
 
 # TINY with a longer grid and slower cells, so a run can be caught between its cells.
+# Cells must outlast a Ctrl-C's delivery (tens of ms) on an idle machine.
 CONFIG = {**TINY, "replicates": 1, "grid": [0, 8, 16, 24, 32],
-          "induction_fit": {"epochs": 6, "batch_size": 8}}
+          "induction_fit": {"epochs": 40, "batch_size": 8}}
 CELLS = {f"L1-r0-a0-n{n}-s0.json" for n in CONFIG["grid"]}
 BASE, SUB = "pipelines/L1-r0/a0/base.safetensors", "pipelines/L1-r0/a0/subnetwork.safetensors"
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -250,7 +251,7 @@ def run_job(job: Job) -> Any:
     root, before = job.root, {}
     if job.files is not None:
         root = str(Path(tempfile.gettempdir()) / f"instill-{Path(job.root).name}-"
-                   f"{derive_seed(0, job.root)}")
+                   f"{derive_seed(0, job.root)}-{os.getpid()}")  # private to this worker
         for name, data in job.files.items():
             target = Path(root) / name
             if not target.exists() or target.read_bytes() != data:
@@ -278,7 +279,8 @@ def run_job(job: Job) -> Any:
 def _snapshot(root: Path) -> dict[str, tuple[int, int]]:
     """(size, mtime) of every file under root, to find what a job wrote."""
     return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns)
-            for p in root.rglob("*") if p.is_file()} if root.exists() else {}
+            for p in root.rglob("*") if p.is_file() and not p.name.startswith(".tmp-")} \
+        if root.exists() else {}
 
 
 __all__ = ["Cell", "Experiment", "Job", "Shipped", "once", "read_json",
