@@ -57,7 +57,13 @@ def _start(out: Path, config: Path) -> subprocess.Popen:
         return subprocess.Popen(
             [sys.executable, "-m", "instill", "arithmetic", "--config", str(config), "--out",
              str(out), "--workers", "1"], cwd=out.parent, env=ENV, stdout=log,
-            stderr=subprocess.STDOUT)
+            stderr=subprocess.STDOUT, preexec_fn=_default_sigint)
+
+
+def _default_sigint() -> None:
+    """The child takes Ctrl-C even when the suite runs as a background job of a
+    non-interactive shell, which starts with SIGINT ignored (and children inherit that)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def _finish(proc: subprocess.Popen, out: Path, timeout: float = 240) -> tuple[int, str]:
