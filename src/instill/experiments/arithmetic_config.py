@@ -14,7 +14,7 @@ from instill.experiments.common import (
     layered_config,
 )
 from instill.experiments.pipeline import GatePolicy
-from instill.models import check_activation
+from instill.models import check_activation, check_heads
 from instill.tasks.arithmetic import ArithmeticSpec
 from instill.tasks.expr import parse
 from instill.training import DiscoveryConfig, FitConfig
@@ -90,9 +90,7 @@ class ArithmeticConfig:
         if not self.layers or min(self.layers) < 1:
             raise ConfigError(f"layers must be a non-empty list of depths >= 1, got {self.layers}")
         check_activation(self.activation)
-        if self.n_embd % self.n_head:
-            raise ConfigError(f"n_embd ({self.n_embd}) must be divisible by n_head "
-                              f"({self.n_head})")
+        check_heads(self.n_embd, self.n_head)
         if self.seeds < 1 or self.replicates < 1:
             raise ConfigError(f"seeds and replicates must be >= 1, got {self.seeds} and "
                               f"{self.replicates}")

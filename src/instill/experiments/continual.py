@@ -36,7 +36,7 @@ from instill.experiments.continual_report import write_report
 from instill.experiments.executors import Executor, LocalExecutor
 from instill.experiments.framework import Cell, Experiment, once, read_json, unusable
 from instill.experiments.pipeline import Gate, GatePolicy
-from instill.models import build_model, check_activation
+from instill.models import build_model, check_activation, check_heads
 from instill.storage import write_json
 from instill.tasks.expr import parse
 from instill.tasks.task_sequences import TaskTokenSpec, TaskTokenTask, all_pairs, task_sequences
@@ -114,9 +114,7 @@ class ContinualConfig:
             raise ConfigError("discovery.mask must use method continuous_sparsification at "
                               "granularity weight (earlier tasks' weights are held on per weight)")
         check_activation(self.activation)
-        if self.n_embd % self.n_head:
-            raise ConfigError(f"n_embd ({self.n_embd}) must be divisible by n_head "
-                              f"({self.n_head})")
+        check_heads(self.n_embd, self.n_head)
         if self.replicates < 1 or self.repeat < 1:
             raise ConfigError(f"replicates and repeat must be >= 1, got {self.replicates}, "
                               f"{self.repeat}")

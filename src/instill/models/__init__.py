@@ -1,5 +1,6 @@
 """Model builders from small configs (no download): the architectures the experiments use."""
 
-from .builders import MODELS, build_model, check_activation, logits_of, set_activation
+from .builders import MODELS, build_model, check_activation, check_heads, logits_of, set_activation
 
-__all__ = ["MODELS", "build_model", "check_activation", "logits_of", "set_activation"]
+__all__ = ["MODELS", "build_model", "check_activation", "check_heads", "logits_of",
+           "set_activation"]

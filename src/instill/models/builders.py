@@ -38,6 +38,12 @@ def logits_of(output: Any) -> Tensor:
     return output if isinstance(output, Tensor) else output.logits
 
 
+def check_heads(n_embd: int, n_head: int) -> None:
+    """Fail early when attention heads cannot split the embedding evenly."""
+    if n_embd % n_head:
+        raise ConfigError(f"n_embd ({n_embd}) must be divisible by n_head ({n_head})")
+
+
 def check_activation(name: str) -> None:
     """Fail early, naming the choices, for an activation HF's GPT-2 does not know."""
     from transformers.activations import ACT2FN
