@@ -114,6 +114,15 @@ def test_workers_without_the_run_directory_give_the_same_results(tmp_path):
                                                                ).read_bytes()
 
 
+def test_worker_processes_remove_their_private_copies(tmp_path, monkeypatch):
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setenv("TMPDIR", str(scratch))  # the spawned workers' temporary directory
+    _run(tmp_path / "run", LocalExecutor(2, ship=True))
+    assert (tmp_path / "run" / "cells" / "r1-n2.json").exists()
+    assert list(scratch.iterdir()) == []
+
+
 def test_a_job_runs_from_its_description_alone(tmp_path, monkeypatch):
     """What a fresh worker process gets: the experiment as `module:name`, config and unit."""
     _run(tmp_path)

@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import importlib
 import json
+import multiprocessing.util
 import os
+import shutil
 import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -250,8 +252,7 @@ def run_job(job: Job) -> Any:
     written to a private copy of the run directory first."""
     root, before = job.root, {}
     if job.files is not None:
-        root = str(Path(tempfile.gettempdir()) / f"instill-{Path(job.root).name}-"
-                   f"{derive_seed(0, job.root)}-{os.getpid()}")  # private to this worker
+        root = _private_root(job.root)
         for name, data in job.files.items():
             target = Path(root) / name
             if not target.exists() or target.read_bytes() != data:
@@ -274,6 +275,20 @@ def run_job(job: Job) -> Any:
     after = _snapshot(Path(root))
     return Shipped(result, {name: (Path(root) / name).read_bytes() for name, stamp in
                             after.items() if before.get(name) != stamp})
+
+
+def _private_root(run_root: str) -> str:
+    """This worker's private copy of a run directory, removed when the process exits (a
+    worker reuses it for every job of the run, so files read once stay read)."""
+    root = Path(tempfile.gettempdir()) / (f"instill-{Path(run_root).name}-"
+                                          f"{derive_seed(0, run_root)}-{os.getpid()}")
+    if not root.exists():
+        root.mkdir(parents=True)
+        # multiprocessing's finalizers run at a pool worker's exit (atexit handlers do not)
+        # and, through its own atexit hook, at the exit of the driver's process.
+        multiprocessing.util.Finalize(None, shutil.rmtree, args=(str(root),),
+                                      kwargs={"ignore_errors": True}, exitpriority=1)
+    return str(root)
 
 
 def _snapshot(root: Path) -> dict[str, tuple[int, int]]:
