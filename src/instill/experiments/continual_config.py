@@ -159,8 +159,9 @@ SHAPE_PRESETS: dict[str, dict[str, Any]] = {
               "discovery": {"epochs": 10, "batch_size": 64, "lr": 1e-2,
                             "mask": {"l0_lambda": 1e-5}},
               "gates": {"task_accuracy": 0.8}, "replay": 32},
-    "quick": {"fit": {"epochs": 15, "patience": 5}, "retrain": {"epochs": 5},
-              "discovery": {"epochs": 8}},
+    "quick": {"fit": {"epochs": 20, "patience": 5}, "retrain": {"epochs": 5},
+              "discovery": {"epochs": 8},
+              "methods": [*QUICK_METHODS, "packnet@0.05", "packnet@0.1"]},
 }
 
 

@@ -33,9 +33,9 @@ class ShapeSequenceConfig:
     size: int = 16
     rho: float = 0.9  # probability that an image's texture is its shape's class
     split: str = "natural"
-    train_per_class: int = 150
-    select_per_class: int = 50
-    test_per_class: int = 100
+    train_per_class: int = 300
+    select_per_class: int = 100
+    test_per_class: int = 200
     embedding_size: int = 16
     hidden_sizes: list[int] = field(default_factory=lambda: [16, 32, 64])
     depths: list[int] = field(default_factory=lambda: [1, 1, 1])
