@@ -187,8 +187,12 @@ def plot_matrices(path: Path, summary: dict) -> None:
 
     methods = summary["methods"]
     t = len(summary["sequence"])
-    fig, axes = plt.subplots(1, len(methods), figsize=(3.2 * len(methods), 3.4), squeeze=False)
-    for ax, (meth, entry) in zip(axes[0], methods.items(), strict=True):
+    cols = min(len(methods), 5)
+    rows = -(-len(methods) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.4 * rows), squeeze=False)
+    for ax in axes.flat[len(methods):]:
+        ax.set_axis_off()
+    for ax, (meth, entry) in zip(axes.flat, methods.items(), strict=False):
         grid = [[float("nan") if v is None else v for v in row] for row in entry["matrix_mean"]]
         ax.imshow(grid, vmin=0, vmax=1, cmap="viridis")
         for j in range(t):
