@@ -10,11 +10,12 @@ import json
 import pytest
 import torch
 
-from instill.core.isolation import task_view
+from instill.core import MaskConfig
+from instill.core.isolation import Allocation, task_view
 from instill.errors import ConfigError
 from instill.experiments.continual import ContinualRun, load_config, run_continual
 from instill.experiments.continual_config import parse_method
-from instill.experiments.continual_steps import replay_data
+from instill.experiments.continual_steps import allocation_mask, replay_data
 from instill.tasks.task_sequences import replay_buffer
 
 torch.set_num_threads(1)
@@ -136,6 +137,16 @@ def test_replay_trains_earlier_heads_with_the_buffer(tiny_run):
     before = run.load(where("replay"), "task0").state_dict()
     after = run.load(where("replay"), "task1").state_dict()
     assert not torch.equal(after["heads.0.weight"], before["heads.0.weight"])
+
+
+@pytest.mark.parametrize("exclude", [None, r"backbone\.embedder\..*",
+                                     ["backbone.embedder.embedder.convolution"]])
+def test_every_head_is_left_out_of_the_allocation_whatever_the_users_exclude(tiny_run, exclude):
+    _, _, run = tiny_run
+    mask = allocation_mask(MaskConfig(exclude=exclude), run.seq)
+    names = set(Allocation.from_model(run.seq.build(), mask.targets, mask.exclude).owners)
+    assert names and not any(n.startswith("heads.") for n in names)
+    assert any(n.startswith("backbone.embedder") for n in names) == (exclude is None)
 
 
 def test_shape_groups_and_method_names_are_checked():
