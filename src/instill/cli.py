@@ -301,7 +301,8 @@ def meanpool(in_dir, out_dir, method, segments) -> None:
 
 
 @main.command()
-@run_options("5 replicates of 7 methods on 4 tasks, about 10-15 minutes on a 2-core CPU",
+@run_options("5 replicates of 7 methods on 4 tasks, shapes with a PackNet sweep too; about "
+             "12 (arithmetic) or 4 (shapes) minutes on 2 idle cores",
              "8 replicates, every method, longer training")
 @click.option("--task", type=click.Choice(["arithmetic", "shapes"]),
               help="Task sequence: arithmetic expressions with a task token (default), or the "

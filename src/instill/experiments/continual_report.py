@@ -168,12 +168,13 @@ def headline(summary: dict, versus: dict[str, stats.Paired],
              f"`subnetwork` forgets {stats.Interval(**ours['forgetting']):.3f} (bit-exact in "
              f"{ours['bit_exact_replicates']} of {n}) with average final accuracy "
              f"{stats.Interval(**ours['final_accuracy']):.3f}"]
-    for other in ("joint", "packnet", "replay", "finetune"):
+    sweep = [m for m in methods if is_packnet(m) and m in versus]
+    for other in ("joint", *sweep, "replay", "finetune"):
         if other in versus:
             parts.append(stats.describe(versus[other], "it", f"`{other}`", "final accuracy"))
-    if "packnet" in capacity:
-        parts.append(stats.describe(capacity["packnet"], "its capacity per task",
-                                    "`packnet`'s", "density", higher_is_better=False)
+    for other in capacity:  # every PackNet variant of a kept-fraction sweep
+        parts.append(stats.describe(capacity[other], "its capacity per task",
+                                    f"`{other}`'s", "density", higher_is_better=False)
                      .replace("beats", "is below").replace("is worse than", "is above"))
     return prefix + "; ".join(parts) + " (paired over replicates, 95% intervals, Holm)."
 
