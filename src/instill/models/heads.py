@@ -14,8 +14,8 @@ from .builders import register
 
 
 class TaskHeads(nn.Module):
-    """`backbone(pixel_values)`'s pooled features -> the concatenated logits of every head;
-    head t (`heads.{t}`) owns the logit columns `columns(t)`."""
+    """`backbone(pixel_values)`'s pooled features -> the concatenated logits of every head, in
+    task order; head t is `heads.{t}`."""
 
     def __init__(self, backbone: nn.Module, features: int, sizes: Sequence[int]) -> None:
         super().__init__()
@@ -23,12 +23,6 @@ class TaskHeads(nn.Module):
             raise ConfigError(f"every task head needs at least one class, got sizes {sizes}")
         self.backbone = backbone
         self.heads = nn.ModuleList(nn.Linear(features, int(s)) for s in sizes)
-        self.sizes = [int(s) for s in sizes]
-
-    def columns(self, task: int) -> range:
-        """The logit columns of task `task`'s head."""
-        start = sum(self.sizes[:task])
-        return range(start, start + self.sizes[task])
 
     def forward(self, pixel_values: Tensor) -> Tensor:
         features = self.backbone(pixel_values=pixel_values).pooler_output.flatten(1)
