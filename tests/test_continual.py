@@ -11,13 +11,14 @@ import torch
 
 from instill.core.isolation import Allocation, CapacityError, task_view
 from instill.experiments.continual import ContinualRun, load_config, run_continual
+from instill.experiments.continual_steps import replay_data
 from instill.tasks.task_sequences import TaskTokenSpec, all_pairs, task_sequences
 
 torch.set_num_threads(1)
 TINY = {"replicates": 1, "sequence": ["a + b", "a - b"], "numbers": 5, "modulus": 5,
-        "repeat": 4, "n_layer": 1, "n_embd": 32, "gates": {"enforce": False},
-        "methods": ["subnetwork", "subnetwork-reinit", "packnet", "finetune", "joint",
-                    "independent"],
+        "repeat": 4, "replay": 10, "n_layer": 1, "n_embd": 32, "gates": {"enforce": False},
+        "methods": ["subnetwork", "subnetwork-reinit", "packnet", "packnet@0.1", "finetune",
+                    "replay", "joint", "independent"],
         "fit": {"epochs": 3}, "retrain": {"epochs": 1},
         "discovery": {"epochs": 2, "batch_size": 16, "mask": {"init": 0.05, "l0_lambda": 1e-4}}}
 OUTPUTS = ["results.csv", "summary.json", "accuracy_matrix.png", "capacity.png", "report.md",
@@ -75,7 +76,7 @@ def test_evaluating_task_t_uses_exactly_the_weights_of_tasks_up_to_t(tiny_run, m
     out, _, run = tiny_run
     final, alloc = run.load(where(method), "task1"), run.allocation(where(method), 1)
     first, alloc0 = run.load(where(method), "task0"), run.allocation(where(method), 0)
-    seqs = run.evals[0][:, :4]
+    seqs = run.seq.evals[0][:, :4]
     with torch.no_grad():
         with task_view(first, alloc0, 0) as view:
             expected = view(input_ids=seqs).logits
@@ -115,6 +116,22 @@ def test_capacity_accounting_adds_up(tiny_run):
     packnet = [json.loads((out / where("packnet") / f"task{t}.json").read_text())["capacity"]
                for t in range(2)]
     assert packnet[0]["density"] == pytest.approx(0.25, abs=1e-3)  # packnet_keep of the free
+    swept = [json.loads((out / where("packnet@0.1") / f"task{t}.json").read_text())["capacity"]
+             for t in range(2)]
+    assert swept[0]["density"] == pytest.approx(0.1, abs=1e-3)  # packnet@0.1: its own fraction
+    assert swept[1]["density"] == pytest.approx(0.09, abs=1e-3)
+    assert set(summary["density_vs"]) == {"packnet", "packnet@0.1"}
+
+
+def test_replay_trains_on_the_task_plus_a_buffer_of_the_configured_count_of_task0(tiny_run):
+    _, summary, run = tiny_run
+    data = replay_data(run.seq, 1, run.cfg.replay, seed=0)[0]
+    own = run.seq.train(1)[0]
+    assert torch.equal(data[:len(own)], own)
+    replayed = data[len(own):]
+    assert (replayed[:, 0] == run.seq.spec.task_token(0)).all()  # task 0's rows only
+    assert len(torch.unique(replayed, dim=0)) == run.cfg.replay
+    assert "replay" in summary["subnetwork_vs"]
 
 
 def test_running_out_of_capacity_is_a_clear_error(tmp_path):

@@ -301,13 +301,17 @@ def meanpool(in_dir, out_dir, method, segments) -> None:
 
 
 @main.command()
-@run_options("5 replicates of 6 methods on 4 arithmetic tasks, about 10 minutes on a 2-core "
-             "CPU", "8 replicates, every method, 60 epochs")
+@run_options("5 replicates of 7 methods on 4 tasks, shapes with a PackNet sweep too; about "
+             "12 (arithmetic) or 4 (shapes) minutes on 2 idle cores",
+             "8 replicates, every method, longer training")
 @click.option("--task", type=click.Choice(["arithmetic", "shapes"]),
-              help="Task sequence (only arithmetic is implemented so far).")
-@click.option("--sequence", help="Semicolon-separated task expressions, e.g. 'a + b;a*b'.")
+              help="Task sequence: arithmetic expressions with a task token (default), or the "
+                   "shape world split into class groups (shapes.groups) with a head per task.")
+@click.option("--sequence", help="Semicolon-separated task expressions, e.g. 'a + b;a*b' "
+                                 "(arithmetic only).")
 @click.option("--methods", help="Comma-separated subset of subnetwork,subnetwork-reinit,packnet,"
-                                "packnet-reinit,finetune,joint,independent.")
+                                "packnet-reinit,finetune,replay,joint,independent; packnet@F "
+                                "(e.g. packnet@0.1) keeps fraction F of the free weights.")
 @click.option("--replicates", type=int, help="Independent replicates (initial model, seeds).")
 @click.option("--seed", type=int, help="Base random seed.")
 @compute_options

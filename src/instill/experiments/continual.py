@@ -1,16 +1,18 @@
 """Continual learning by parameter isolation with discovered subnetworks (`instill continual`).
 
-A sequence of arithmetic tasks `[TASK_t, a, b, SEP, y]` (one GPT-2, one vocabulary; the task
-token says which expression) is learnt task after task by every method on the same data, the
-same initial model and the same training budget:
+A task sequence (`tasks.task_sequences.TaskSequence`: arithmetic expressions with a task token,
+or the shape world split into class groups with a head per task) is learnt task after task by
+every method on the same data, the same initial model and the same training budget:
 
 - `subnetwork` (ours): train task t on the free weights (`isolate`), discover its subnetwork
   among them by continuous sparsification (earlier tasks' weights held on), claim and freeze it,
   retrain only its weights, and go on; `-reinit` re-initializes the free weights before each
   task instead of keeping their trained values. Task t is evaluated with exactly the weights of
-  tasks <= t (`task_view`).
-- `packnet`: the same loop with magnitude pruning to `packnet_keep` of the free weights.
-- `finetune`: plain sequential fine-tuning (the forgetting baseline); `joint`: all tasks at once
+  tasks <= t (`task_view`) and its own head.
+- `packnet`: the same loop with magnitude pruning to `packnet_keep` (or `packnet@f`: f) of
+  the free weights.
+- `finetune`: plain sequential fine-tuning (the forgetting baseline); `replay`: fine-tuning on
+  the task's data plus a small buffer of earlier tasks' examples; `joint`: all tasks at once
   (the upper bound); `independent`: each task from the initial model alone (the reference of
   forward transfer).
 
@@ -20,161 +22,36 @@ an interrupted run resumes per step. Cells read the steps' records back as rows 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from instill.checkpoint import load_model, save_model
-from instill.core import MaskConfig, Subnetwork, attach_masks, bake
+from instill.core import bake
 from instill.core.isolation import Allocation, CapacityError, isolate, packnet_prune, task_view
-from instill.errors import ConfigError, ExpressionError, FileFormatError
-from instill.experiments.common import layered_config
+from instill.errors import FileFormatError
+from instill.experiments.continual_config import (
+    ISOLATION,
+    ContinualConfig,
+    load_config,
+    parse_method,
+)
 from instill.experiments.continual_report import write_report
+from instill.experiments.continual_steps import (
+    allocation_mask,
+    discover_free,
+    keep_free_values,
+    replay_data,
+    train_heads,
+)
 from instill.experiments.executors import Executor, LocalExecutor
 from instill.experiments.framework import Cell, Experiment, once, read_json, unusable
-from instill.experiments.pipeline import Gate, GatePolicy
-from instill.models import build_model, check_activation, check_heads
+from instill.experiments.pipeline import Gate
 from instill.storage import write_json
-from instill.tasks.expr import parse
-from instill.tasks.task_sequences import TaskTokenSpec, TaskTokenTask, all_pairs, task_sequences
-from instill.training import DiscoveryConfig, FitConfig, fit, make_optimizer, run_epoch
-
-METHODS = ("subnetwork", "subnetwork-reinit", "packnet", "packnet-reinit", "finetune", "joint",
-           "independent")
-ISOLATION = ("subnetwork", "packnet")
-HELD_ON = 10.0  # mask logit of weights earlier tasks own: sigmoid(10 * beta) ~ 1, never trained
-
-
-@dataclass
-class ContinualGates(GatePolicy):
-    """Each task must be learnt by its own training before the sequence goes on."""
-
-    task_accuracy: float = 0.9  # accuracy of the trained model on task t right after training
-
-
-@dataclass
-class ContinualConfig:
-    """Everything that defines a continual run; the defaults are the `paper` preset."""
-
-    task: str = "arithmetic"
-    sequence: list[str] = field(default_factory=lambda: ["a + b", "a*b", "a^2 + b", "a - b"])
-    numbers: int = 11
-    modulus: int = 11
-    repeat: int = 16  # copies of the numbers^2 pairs in one training epoch
-    methods: list[str] = field(default_factory=lambda: list(METHODS))
-    packnet_keep: float = 0.25  # PackNet: fraction of the free weights each task keeps
-    min_free: float = 0.01  # stop with CapacityError when less is free before a task
-    n_layer: int = 2
-    n_embd: int = 64
-    n_head: int = 4
-    dropout: float = 0.0
-    activation: str = "gelu_pytorch_tanh"
-    seed: int = 0
-    replicates: int = 8
-    gates: ContinualGates = field(default_factory=ContinualGates)
-    fit: FitConfig = field(default_factory=lambda: FitConfig(
-        epochs=60, batch_size=64, lr=3e-3, weight_decay=0.01, stop_at=1.0, fused=True))
-    retrain: FitConfig = field(default_factory=lambda: FitConfig(
-        epochs=10, batch_size=64, lr=1e-3, weight_decay=0.0, stop_at=1.0, fused=True))
-    discovery: DiscoveryConfig = field(default_factory=lambda: DiscoveryConfig(
-        epochs=15, batch_size=128, lr=1e-2, final_temperature=100.0, fused=True,
-        mask=MaskConfig(l0_lambda=1e-5, init=-0.1)))
-
-    def __post_init__(self) -> None:
-        if self.task != "arithmetic":
-            raise ConfigError(f"task {self.task!r} is not available yet; use task=arithmetic "
-                              "(the shapes sequence is not implemented)")
-        if len(self.sequence) < 2:
-            raise ConfigError(f"sequence needs at least two tasks, got {self.sequence}")
-        for i, text in enumerate(self.sequence):
-            try:
-                parse(text)
-            except ExpressionError as err:
-                raise ConfigError(f"sequence[{i}]: {err}") from None
-        self.spec  # noqa: B018  (validates numbers and modulus)
-        unknown = [m for m in self.methods if m not in METHODS]
-        if unknown or not self.methods or len(set(self.methods)) != len(self.methods):
-            raise ConfigError(f"methods must be distinct names from {list(METHODS)}, got "
-                              f"{self.methods}")
-        if not 0 < self.packnet_keep < 1:
-            raise ConfigError(f"packnet_keep must be in (0, 1), got {self.packnet_keep}")
-        if not 0 <= self.min_free < 1:
-            raise ConfigError(f"min_free must be in [0, 1), got {self.min_free}")
-        left = (1 - self.packnet_keep) ** (len(self.sequence) - 1)
-        if any(m.startswith("packnet") for m in self.methods) and left < self.min_free:
-            raise CapacityError(
-                f"packnet keeps {self.packnet_keep:.0%} of the free weights per task, so only "
-                f"{left:.2%} are free before task {len(self.sequence) - 1} (min_free "
-                f"{self.min_free:.0%}); lower packnet_keep, use fewer tasks or lower min_free")
-        mask = self.discovery.mask
-        if mask.method != "continuous_sparsification" or mask.granularity != "weight":
-            raise ConfigError("discovery.mask must use method continuous_sparsification at "
-                              "granularity weight (earlier tasks' weights are held on per weight)")
-        check_activation(self.activation)
-        check_heads(self.n_embd, self.n_head)
-        if self.replicates < 1 or self.repeat < 1:
-            raise ConfigError(f"replicates and repeat must be >= 1, got {self.replicates}, "
-                              f"{self.repeat}")
-
-    @property
-    def spec(self) -> TaskTokenSpec:
-        return TaskTokenSpec(self.numbers, self.modulus, len(self.sequence))
-
-
-PRESETS: dict[str, dict[str, Any]] = {
-    "paper": {},
-    "quick": {
-        "replicates": 5,
-        "methods": ["subnetwork", "subnetwork-reinit", "packnet", "finetune", "joint",
-                    "independent"],
-        "fit": {"epochs": 40},
-    },
-}
-
-
-def load_config(preset: str | None = "paper", file_values: dict | None = None,
-                overrides: dict | None = None) -> ContinualConfig:
-    """Defaults, then the preset, then a config file's values, then command-line overrides."""
-    return layered_config(ContinualConfig, PRESETS, preset, file_values, overrides,
-                          "continual config")
-
-
-def method_parts(method: str) -> tuple[str, bool]:
-    """('subnetwork', True) for 'subnetwork-reinit': the base method and whether free weights
-    are re-initialized before each task."""
-    base, _, suffix = method.partition("-")
-    return base, suffix == "reinit"
-
-
-def discover_free(model: nn.Module, alloc: Allocation, data: Tensor, loss_fn, cfg:
-                  DiscoveryConfig, seed: int) -> Subnetwork:
-    """Continuous sparsification over the free weights of `model`; weights earlier tasks own
-    are held on (logit HELD_ON, gradient zeroed), so the mask is learnt for task t's view."""
-    masked = attach_masks(model, cfg.mask)
-    free = alloc.free().masks
-    try:
-        for name, mask in masked.masks.items():
-            keep = free[name].to(mask.logits.device)
-            with torch.no_grad():
-                mask.logits.masked_fill_(~keep, HELD_ON)
-            mask.logits.register_hook(lambda g, k=keep: g * k)
-        growth = cfg.final_temperature ** (1 / cfg.epochs)
-        opt = make_optimizer(masked.mask_parameters(), FitConfig(
-            lr=cfg.lr, weight_decay=cfg.mask.weight_decay, fused=cfg.fused))
-        gen = torch.Generator().manual_seed(seed)
-
-        def penalized(m: nn.Module, batch) -> Tensor:
-            return loss_fn(m, batch) + masked.l0_penalty()
-
-        for epoch in range(cfg.epochs):
-            run_epoch(masked, [data], penalized, opt, cfg.batch_size, gen, epoch)
-            masked.temperature *= growth
-        return masked.subnetwork() & alloc.free()
-    finally:
-        masked.detach_masks()
+from instill.training import fit
 
 
 class ContinualRun(Experiment):
@@ -187,30 +64,20 @@ class ContinualRun(Experiment):
 
     def __init__(self, cfg: ContinualConfig, out: str | Path, log=print, **options: Any) -> None:
         super().__init__(cfg, out, log, **options)
-        self.spec, self.task = cfg.spec, TaskTokenTask()
-        self.exprs = [parse(e) for e in cfg.sequence]
-        a, b = all_pairs(cfg.numbers)
-        self.evals = [task_sequences(a, b, e, t, self.spec).to(self.device)
-                      for t, e in enumerate(self.exprs)]
-        self.trains = [s.repeat(cfg.repeat, 1) for s in self.evals]
-        mask = cfg.discovery.mask
+        self.seq = cfg.task_sequence(self.device)
+        mask = allocation_mask(cfg.discovery.mask, self.seq)
+        self.discovery = replace(cfg.discovery, mask=mask)
         self.targets = (mask.targets, mask.exclude, mask.mask_bias)
 
     # -- pieces ----------------------------------------------------------------------------
-    def build(self) -> nn.Module:
-        return build_model("gpt2", vocab_size=self.spec.vocab_size, n_positions=5,
-                           n_embd=self.cfg.n_embd, n_layer=self.cfg.n_layer,
-                           n_head=self.cfg.n_head, dropout=self.cfg.dropout,
-                           activation=self.cfg.activation).to(self.device)
-
     def initial(self, replicate: int, attempt: int) -> nn.Module:
         """The replicate's initial model: the same for every method (paired comparisons)."""
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed("init", replicate, attempt))
-            return self.build()
+            return self.seq.build()
 
     def load(self, where: str, name: str) -> nn.Module:
-        model, path = self.build(), self.run.path(f"{where}/{name}.safetensors")
+        model, path = self.seq.build(), self.run.path(f"{where}/{name}.safetensors")
         try:
             load_model(path, model)
         except FileFormatError as err:
@@ -224,12 +91,19 @@ class ContinualRun(Experiment):
         except FileFormatError as err:
             raise unusable(err, path, "retrain it") from None
 
-    def accuracy(self, model: nn.Module, task: int, alloc: Allocation | None = None) -> float:
-        """Accuracy on every pair of task `task`; with `alloc`, through its task view."""
+    def accuracy(self, model: nn.Module, task: int, alloc: Allocation | None = None,
+                 split: str = "test") -> float:
+        """Accuracy on task `task`'s `split` (test or select); with `alloc`, through its task
+        view (exactly the weights of tasks <= task; every head is its task's own)."""
+        data = self.seq.test(task) if split == "test" else self.seq.select(task)
         if alloc is None:
-            return self.task.accuracy(model, self.evals[task])
+            return self.seq.accuracy(model, data)
         with task_view(model, alloc, task) as view:
-            return self.task.accuracy(view, self.evals[task])
+            return self.seq.accuracy(view, data)
+
+    @property
+    def n_tasks(self) -> int:
+        return len(self.seq.names)
 
     # -- pipelines -------------------------------------------------------------------------
     def pipelines(self) -> list[tuple[int, str]]:
@@ -239,7 +113,7 @@ class ContinualRun(Experiment):
         return f"pipelines/r{unit[0]}-{unit[1]}"
 
     def steps(self, method: str) -> list[int]:
-        return [len(self.exprs) - 1] if method == "joint" else list(range(len(self.exprs)))
+        return [self.n_tasks - 1] if method == "joint" else list(range(self.n_tasks))
 
     def attempt(self, unit: tuple, attempt: int) -> list[Gate]:
         """Every step of one method's sequence, up to the first task not learnt."""
@@ -247,13 +121,13 @@ class ContinualRun(Experiment):
         where, gates = self.attempt_dir(unit, attempt), []
         for t in self.steps(method):
             names = [f"{where}/task{t}.json", f"{where}/task{t}.safetensors"]
-            if method_parts(method)[0] in ISOLATION:
+            if parse_method(method).base in ISOLATION:
                 names.append(f"{where}/alloc{t}.safetensors")
             once(self.run, names, lambda t=t: self.step(replicate, method, attempt, t, where))
             record = read_json(self.run, f"{where}/task{t}.json", "retrain it")
             if method == "independent":  # a reference, not gated: a task it cannot learn
                 continue  # alone in the budget is what forward transfer measures
-            for i in ([t] if method != "joint" else range(len(self.exprs))):
+            for i in ([t] if method != "joint" else range(self.n_tasks)):
                 gates.append(Gate(f"task {i} learnt", record["trained"][i],
                                   self.cfg.gates.task_accuracy,
                                   "the task was not learnt: raise fit.epochs or repeat, or "
@@ -264,67 +138,87 @@ class ContinualRun(Experiment):
 
     def step(self, replicate: int, method: str, attempt: int, t: int, where: str) -> None:
         """Train task t of `method` after tasks < t; write its model, owner map and record."""
-        base, reinit = method_parts(method)
         seed = self.seed("task", replicate, attempt, t)
         torch.manual_seed(seed)
-        tasks = range(len(self.exprs))
         record: dict[str, Any] = {"method": method, "replicate": replicate, "task": t,
                                   "seed": seed}
-        if base in ("finetune", "independent", "joint"):
-            start = self.initial(replicate, attempt) if base != "finetune" or t == 0 \
-                else self.load(where, f"task{t - 1}")
-            data = torch.cat(self.trains) if base == "joint" else self.trains[t]
-            score = (lambda m: sum(self.accuracy(m, i) for i in tasks) / len(tasks)) \
-                if base == "joint" else (lambda m: self.accuracy(m, t))
-            result = fit(start, [data], self.task.loss, self.cfg.fit, seed=seed,
-                         evaluate=score, desc=f"{method} r{replicate} task {t}")
-            final, alloc = start, None
-            record["trained"] = [self.accuracy(final, i) for i in tasks]
-            record["best_epoch"] = result.best_epoch
+        if parse_method(method).base in ISOLATION:
+            final, alloc = self.isolation_step(replicate, method, attempt, t, where, record)
         else:
-            prev = self.initial(replicate, attempt) if t == 0 else self.load(where, f"task{t - 1}")
-            alloc = Allocation.from_model(prev, *self.targets) if t == 0 \
-                else self.allocation(where, t - 1)
-            alloc.check_capacity(self.cfg.min_free)
-            # at t = 0 nothing is trained yet: the replicate's initial model is the fresh one
-            iso = isolate(prev, alloc, t, reinit_free=reinit and t > 0, seed=seed)
-            result = fit(iso, [self.trains[t]], self.task.loss, self.cfg.fit, seed=seed,
-                         evaluate=lambda m: self.accuracy(m, t),
-                         desc=f"{method} r{replicate} task {t}")
-            trained = bake(iso)
-            record["trained"] = [self.accuracy(trained, i) for i in tasks]
-            record["best_epoch"] = result.best_epoch
-            if base == "subnetwork":
-                sub = discover_free(trained, alloc, self.trains[t], self.task.loss,
-                                    self.cfg.discovery, seed)
-            else:
-                sub = packnet_prune(trained, alloc, t, self.cfg.packnet_keep)
-            if sub.kept() == 0:
-                raise CapacityError(f"{method} r{replicate}: task {t} selected no free weight; "
-                                    "lower discovery.mask.l0_lambda or raise packnet_keep")
-            alloc = alloc.claim(t, sub)
-            record["selected"] = self.accuracy(trained, t, alloc)
-            again = isolate(trained, alloc, t, reinit_free=False, train_free=False)
-            fit(again, [self.trains[t]], self.task.loss, self.cfg.retrain, seed=seed + 1,
-                evaluate=lambda m: self.accuracy(m, t), desc=f"{method} r{replicate} retrain {t}")
-            final = bake(again)
-            free = alloc.free().masks
-            with torch.no_grad():  # free weights keep their trained values (used unless -reinit)
-                for name, mask in free.items():
-                    final.get_parameter(name).copy_(torch.where(
-                        mask, trained.get_parameter(name), final.get_parameter(name)))
-            cap = alloc.capacity()
-            record["capacity"] = {"total": cap["total"], "free": cap["free"],
-                                  "free_fraction": cap["free_fraction"],
-                                  "kept": cap["tasks"].get(t, {"kept": 0})["kept"],
-                                  "density": cap["tasks"].get(t, {"fraction": 0.0})["fraction"]}
-            alloc.save(self.run.path(f"{where}/alloc{t}.safetensors"))
-        record["accuracy"] = [self.accuracy(final, i, alloc) for i in tasks]
+            final, alloc = self.plain_step(replicate, method, attempt, t, where, record), None
+        record["accuracy"] = [self.accuracy(final, i, alloc) for i in range(self.n_tasks)]
         save_model(self.run.path(f"{where}/task{t}.safetensors"), final,
                    {"method": method, "task": str(t)})
         write_json(self.run.path(f"{where}/task{t}.json"), record)
-        self.log(f"{method} r{replicate} task {t} ({self.cfg.sequence[t]}): accuracy "
+        self.log(f"{method} r{replicate} task {t} ({self.seq.names[t]}): accuracy "
                  + " ".join(f"{a:.3f}" for a in record["accuracy"]))
+
+    def plain_step(self, replicate: int, method: str, attempt: int, t: int, where: str,
+                   record: dict[str, Any]) -> nn.Module:
+        """finetune, replay, independent and joint: every shared weight trains; the heads of
+        the tasks whose data is seen train, the others stay as they are."""
+        base, tasks, seed = parse_method(method).base, range(self.n_tasks), record["seed"]
+        sequential = base in ("finetune", "replay") and t > 0
+        model = self.load(where, f"task{t - 1}") if sequential else self.initial(replicate,
+                                                                                 attempt)
+        if base == "joint":
+            data = tuple(torch.cat(c) for c in zip(*map(self.seq.train, tasks), strict=True))
+            seen = list(tasks)
+        elif base == "replay":
+            data, seen = replay_data(self.seq, t, self.cfg.replay, seed), list(range(t + 1))
+        else:
+            data, seen = self.seq.train(t), [t]
+        scored = list(tasks) if base == "joint" else [t]  # replay selects on task t alone
+        result = fit(train_heads(model, self.seq, seen), list(data), self.seq.loss,
+                     self.cfg.fit, seed=seed, evaluate=lambda m: sum(
+                         self.accuracy(m, i, split="select") for i in scored) / len(scored),
+                     desc=f"{method} r{replicate} task {t}")
+        record["trained"] = [self.accuracy(model, i, split="select") for i in tasks]
+        record["best_epoch"] = result.best_epoch
+        return model.requires_grad_(True)
+
+    def isolation_step(self, replicate: int, method: str, attempt: int, t: int, where: str,
+                       record: dict[str, Any]) -> tuple[nn.Module, Allocation]:
+        """subnetwork and packnet: train the free weights and task t's head, select task t's
+        weights among them, claim them, retrain only them, and keep the free ones' values."""
+        spec, seed, heads = parse_method(method), record["seed"], self.seq.heads(t)
+        prev = self.initial(replicate, attempt) if t == 0 else self.load(where, f"task{t - 1}")
+        alloc = Allocation.from_model(prev, *self.targets) if t == 0 \
+            else self.allocation(where, t - 1)
+        alloc.check_capacity(self.cfg.min_free)
+        # at t = 0 nothing is trained yet: the replicate's initial model is the fresh one
+        iso = train_heads(isolate(prev, alloc, t, reinit_free=spec.reinit and t > 0, seed=seed,
+                                  per_task=heads), self.seq, [t])
+        score = lambda m: self.accuracy(m, t, split="select")  # noqa: E731
+        result = fit(iso, list(self.seq.train(t)), self.seq.loss, self.cfg.fit, seed=seed,
+                     evaluate=score, desc=f"{method} r{replicate} task {t}")
+        trained = bake(iso)
+        record["trained"] = [self.accuracy(trained, i, split="select")
+                             for i in range(self.n_tasks)]
+        record["best_epoch"] = result.best_epoch
+        if spec.base == "subnetwork":
+            sub = discover_free(trained, alloc, self.seq.train(t), self.seq.loss,
+                                self.discovery, seed)
+        else:
+            sub = packnet_prune(trained, alloc, t, spec.keep or self.cfg.packnet_keep)
+        if sub.kept() == 0:
+            raise CapacityError(f"{method} r{replicate}: task {t} selected no free weight; "
+                                "lower discovery.mask.l0_lambda or raise packnet_keep")
+        alloc = alloc.claim(t, sub)
+        record["selected"] = self.accuracy(trained, t, alloc, split="select")
+        again = train_heads(isolate(trained, alloc, t, reinit_free=False, train_free=False,
+                                    per_task=heads), self.seq, [t])
+        fit(again, list(self.seq.train(t)), self.seq.loss, self.cfg.retrain, seed=seed + 1,
+            evaluate=score, desc=f"{method} r{replicate} retrain {t}")
+        final = bake(again)
+        keep_free_values(final, trained, alloc)
+        cap = alloc.capacity()
+        record["capacity"] = {"total": cap["total"], "free": cap["free"],
+                              "free_fraction": cap["free_fraction"],
+                              "kept": cap["tasks"].get(t, {"kept": 0})["kept"],
+                              "density": cap["tasks"].get(t, {"fraction": 0.0})["fraction"]}
+        alloc.save(self.run.path(f"{where}/alloc{t}.safetensors"))
+        return final, alloc
 
     # -- cells and report --------------------------------------------------------------------
     def cells(self, chosen: dict[tuple, dict[str, Any]]) -> list[Cell]:
@@ -343,7 +237,7 @@ class ContinualRun(Experiment):
             cap = record.get("capacity", {})
             for i, acc in enumerate(record["accuracy"]):
                 rows.append({"replicate": replicate, "method": method, "after": j, "task": i,
-                             "expression": self.cfg.sequence[i], "accuracy": acc,
+                             "task_name": self.seq.names[i], "accuracy": acc,
                              "trained_accuracy": record["trained"][i] if i == j else None,
                              "density": cap.get("density") if i == j else None,
                              "free_fraction": cap.get("free_fraction")})
@@ -353,9 +247,10 @@ class ContinualRun(Experiment):
                records: list[dict[str, Any]]) -> dict[str, Any]:
         rows = [row for record in records for row in record["rows"]]
         gates = {f"r{r}-{m}": c for (r, m), c in chosen.items()}
-        return write_report(self.run.root, rows, sequence=list(self.cfg.sequence),
+        return write_report(self.run.root, rows, sequence=list(self.seq.names),
                             methods=list(self.cfg.methods), gates=gates,
-                            warnings=list(self.warnings), packnet_keep=self.cfg.packnet_keep)
+                            warnings=list(self.warnings), packnet_keep=self.cfg.packnet_keep,
+                            kind=f"{self.cfg.task} tasks")
 
 
 def run_continual(cfg: ContinualConfig, out: str | Path, log=print, threads: int = 1,
@@ -368,5 +263,4 @@ def run_continual(cfg: ContinualConfig, out: str | Path, log=print, threads: int
                         executor=executor or LocalExecutor(workers)).execute()
 
 
-__all__ = ["METHODS", "PRESETS", "ContinualConfig", "ContinualGates", "ContinualRun",
-           "discover_free", "load_config", "method_parts", "run_continual"]
+__all__ = ["ContinualConfig", "ContinualRun", "load_config", "run_continual"]

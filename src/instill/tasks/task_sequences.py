@@ -1,6 +1,8 @@
-"""Arithmetic task sequences for continual learning: rows `[TASK_t, a, b, SEP, y]`.
+"""Task sequences for continual learning: the interface every sequence gives the experiment
+(`TaskSequence`), the arithmetic sequence of rows `[TASK_t, a, b, SEP, y]`, and the replay
+buffer drawn from earlier tasks.
 
-The tasks of a sequence share one vocabulary (numbers 0..numbers-1, SEP, then one token per task)
+The arithmetic tasks share one vocabulary (numbers 0..numbers-1, SEP, then one token per task)
 and one output layer (answers y < modulus reuse the number tokens); the leading task token says
 which expression to compute, so one model serves every task without a per-task head.
 """
@@ -9,13 +11,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from instill.errors import ConfigError
-from instill.models import logits_of
+from instill.models import build_model, logits_of
 from instill.tasks.arithmetic import ArithmeticSpec, make_sequences
 from instill.tasks.expr import Expression, parse
 
@@ -83,4 +86,98 @@ class TaskTokenTask:
         return (self.predict(model, seqs) == seqs[:, 4]).float().mean().item()
 
 
-__all__ = ["TaskTokenSpec", "TaskTokenTask", "all_pairs", "task_sequences"]
+Data = tuple[Tensor, ...]  # the tensors of one data set, batched along dim 0 together
+
+
+class TaskSequence(Protocol):
+    """What a continual experiment needs of a task sequence; it knows nothing of methods."""
+
+    names: list[str]  # one short label per task
+
+    def build(self) -> nn.Module:
+        """A freshly initialized model for every task of the sequence."""
+
+    def heads(self, task: int) -> tuple[str, ...]:
+        """Module names of task `task`'s own head (empty when tasks share the output)."""
+
+    def untargeted(self) -> list[str]:
+        """Module names never put in an allocation (every task's head)."""
+
+    def train(self, task: int) -> Data:
+        """One epoch of task `task`'s training data."""
+
+    def pool(self, task: int) -> Data:
+        """Task `task`'s distinct training examples (what a replay buffer draws from)."""
+
+    def select(self, task: int) -> Data:
+        """Data for model selection and the gates."""
+
+    def test(self, task: int) -> Data:
+        """Data of the reported accuracy matrix."""
+
+    def loss(self, model: nn.Module, batch: Sequence[Tensor]) -> Tensor: ...
+
+    def accuracy(self, model: nn.Module, data: Data) -> float: ...
+
+
+class ArithmeticSequence:
+    """Arithmetic expressions mod p with a task token; accuracy over every pair of a task
+    (a memorized table: `select` and `test` are the same pairs the task trains on)."""
+
+    def __init__(self, sequence: Sequence[str], numbers: int, modulus: int, repeat: int,
+                 model: dict[str, Any], device: str = "cpu") -> None:
+        self.names, self.spec = list(sequence), TaskTokenSpec(numbers, modulus, len(sequence))
+        self.model, self.device, self.task = dict(model), device, TaskTokenTask()
+        a, b = all_pairs(numbers)
+        self.evals = [task_sequences(a, b, parse(e), t, self.spec).to(device)
+                      for t, e in enumerate(sequence)]
+        self.repeat = repeat
+
+    def build(self) -> nn.Module:
+        return build_model("gpt2", vocab_size=self.spec.vocab_size, n_positions=5,
+                           **self.model).to(self.device)
+
+    def heads(self, task: int) -> tuple[str, ...]:
+        return ()
+
+    def untargeted(self) -> list[str]:
+        return []
+
+    def train(self, task: int) -> Data:
+        return (self.evals[task].repeat(self.repeat, 1),)
+
+    def pool(self, task: int) -> Data:
+        return (self.evals[task],)
+
+    def select(self, task: int) -> Data:
+        return (self.evals[task],)
+
+    def test(self, task: int) -> Data:
+        return (self.evals[task],)
+
+    def loss(self, model: nn.Module, batch: Sequence[Tensor]) -> Tensor:
+        return self.task.loss(model, batch)
+
+    def accuracy(self, model: nn.Module, data: Data) -> float:
+        return self.task.accuracy(model, data[0])
+
+
+def replay_buffer(pools: Sequence[Data], size: int, seed: int) -> tuple[Data, Tensor]:
+    """`size` examples drawn without replacement from the pools of earlier tasks, split as
+    evenly as the pools allow (the earliest get the remainder); the buffer and each
+    example's task. A pool smaller than its share gives all it has."""
+    if not pools:
+        raise ConfigError("a replay buffer needs at least one earlier task")
+    gen = torch.Generator().manual_seed(seed)
+    share = [size // len(pools) + (i < size % len(pools)) for i in range(len(pools))]
+    parts, owners = [], []
+    for task, (pool, k) in enumerate(zip(pools, share, strict=True)):
+        index = torch.randperm(len(pool[0]), generator=gen)[:k].to(pool[0].device)
+        parts.append(tuple(t[index] for t in pool))
+        owners.append(torch.full((len(index),), task, dtype=torch.int64))
+    data = tuple(torch.cat(column) for column in zip(*parts, strict=True))
+    return data, torch.cat(owners)
+
+
+__all__ = ["ArithmeticSequence", "Data", "TaskSequence", "TaskTokenSpec", "TaskTokenTask",
+           "all_pairs", "replay_buffer", "task_sequences"]
