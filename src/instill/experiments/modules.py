@@ -60,7 +60,7 @@ from instill.tasks.arithmetic import (
 )
 from instill.tasks.expr import parse
 from instill.tasks.sequences import SequenceTask
-from instill.training import discover, fit
+from instill.training import DiscoveryConfig, discover, fit
 
 
 class ModulesRun(Experiment):
@@ -309,7 +309,7 @@ class ModulesRun(Experiment):
                   ) -> list[dict[str, Any]]:
         model, _ = self.source(replicate, attempt)
 
-        def train_mask(cfg) -> Subnetwork:
+        def train_mask(cfg: DiscoveryConfig) -> Subnetwork:
             seed = self.seed("compress", replicate, method, repr(param))
             torch.manual_seed(seed)
             data = self.sequences("base", self.cfg.compression.samples, seed)

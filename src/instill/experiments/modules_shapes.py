@@ -54,7 +54,7 @@ from instill.storage import atomic_write_bytes, write_json
 from instill.tasks.images import ImageSet
 from instill.tasks.shape_task import AugmentConfig, ImageTask
 from instill.tasks.shapes import make_split
-from instill.training import FitConfig, discover, fit
+from instill.training import DiscoveryConfig, FitConfig, discover, fit
 
 #: The split each subnetwork is discovered on and evaluated on (the base task: natural).
 SPLITS = {**SHAPES_SUBTASKS, "base": "natural"}
@@ -348,7 +348,7 @@ class ModulesShapesRun(Experiment):
                   ) -> list[dict[str, Any]]:
         model, _ = self.source(replicate, attempt)
 
-        def train_mask(cfg) -> Subnetwork:
+        def train_mask(cfg: DiscoveryConfig) -> Subnetwork:
             seed = self.seed("compress", replicate, method, repr(param))
             torch.manual_seed(seed)
             data = make_split(self.cfg.world, "natural", self.cfg.compression.samples,
