@@ -31,8 +31,8 @@ KEYS = ["kind", "replicate", "condition", "n", "natural_accuracy", "shape_only_a
         "sparse_bytes"]
 SUBTASKS = ["shape", "texture"]
 CONDITIONS = ("union", "shape", "texture", "random")
-LABELS = {"union": "union of shape + texture", "shape": "shape subnetwork alone",
-          "texture": "texture subnetwork alone", "random": "random init"}
+LABELS = {"union": "the union of shape + texture", "shape": "the shape subnetwork alone",
+          "texture": "the texture subnetwork alone", "random": "random init"}
 METRICS = ("shape_bias", "natural_accuracy", "shape_only_accuracy", "texture_only_accuracy")
 COMPARED = ("shape_bias", "natural_accuracy")  # the metrics the union is tested on
 
@@ -79,7 +79,7 @@ def headline(over: dict, ablation: dict, union: dict | None, n: int) -> str:
             parts.append(f"{verdict(v)} {LABELS[c]} ({v['mean_diff']:+.2f} [{v['low']:+.2f}, "
                          f"{v['high']:+.2f}])")
         text += (f"; transplanted together, their union gives a shape bias of "
-                 f"{fmt(bias, '.2f')}, which " + ", ".join(parts) + " in shape bias")
+                 f"{fmt(bias, '.2f')}, which " + ", ".join(parts[:-1]) + f" and {parts[-1]}")
     return text + "."
 
 
