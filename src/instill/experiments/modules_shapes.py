@@ -68,7 +68,7 @@ class ShapesData:
     base_train: ImageSet
     val: ImageSet
     train: dict[str, ImageSet]  # subnetwork name -> its discovery images
-    eval: dict[str, ImageSet]  # subnetwork name -> its held-out images
+    held_out: dict[str, ImageSet]  # subnetwork name -> its held-out images
     cue_conflict: ImageSet
 
 
@@ -81,7 +81,7 @@ def make_data(cfg: ShapesModulesConfig) -> ShapesData:
         base_train=gen("natural", cfg.base_samples, "base_train"),
         val=gen("natural", cfg.n_val, "val"),
         train={n: gen(s, cfg.discovery_samples, f"{n}_train") for n, s in SPLITS.items()},
-        eval={n: gen(s, cfg.eval_samples, f"{n}_eval") for n, s in SPLITS.items()},
+        held_out={n: gen(s, cfg.eval_samples, f"{n}_eval") for n, s in SPLITS.items()},
         cue_conflict=gen("cue_conflict", cfg.eval_samples, "cue_conflict"))
 
 
@@ -128,7 +128,7 @@ class ModulesShapesRun(Experiment):
 
     def metrics(self) -> dict[str, Any]:
         """Accuracy on each subnetwork's held-out split (shape_only, texture_only, natural)."""
-        return {n: (lambda m, d=d: self.task.accuracy(m, d)) for n, d in self.data.eval.items()}
+        return {n: (lambda m, d=d: self.task.accuracy(m, d)) for n, d in self.data.held_out.items()}
 
     def evaluate(self, model: nn.Module) -> dict[str, Any]:
         """Held-out accuracy on every split and shape bias on cue-conflict images."""
