@@ -175,8 +175,8 @@ def test_a_bad_from_directory_is_a_clear_error(arith_run, tmp_path):
 def test_config_errors_name_the_fix():
     with pytest.raises(ConfigError, match=r"union\.pair must name two different subtasks"):
         load_config("quick", {"union": {"pair": ["a^2", "a^3"]}})
-    with pytest.raises(ConfigError, match="not implemented"):
-        load_config("quick", {"task": "shapes"})
+    with pytest.raises(ConfigError, match="task must be 'arithmetic' or 'shapes'"):
+        load_config("quick", {"task": "vision"})
 
 
 def test_texture_only_split_keeps_texture_labels_and_shuffles_patches():

@@ -209,12 +209,15 @@ def shapebias(preset, config_file, out, assignments, threads, workers, device, e
 
 
 @main.command()
-@run_options("5 replicate pipelines, about 24 minutes on a shared 2-core CPU (not timed idle)",
-             "the paper-sized model and data, GPU-sized")
+@run_options("arithmetic: 5 replicate pipelines, about 24 minutes on a shared 2-core CPU (not "
+             "timed idle); shapes: 6 pipelines, 1324 CPU-s, about 11 minutes on 2 idle cores "
+             "(estimated)", "the paper-sized model and data, GPU-sized")
 @click.option("--task", type=click.Choice(["arithmetic", "shapes"]),
-              help="Arithmetic (built in) or the shapes world (not implemented yet).")
+              help="Arithmetic (the default) or shapes: shape and texture subnetworks of the "
+                   "shape-bias experiment's ResNet (docs/modules.md).")
 @click.option("--from", "from_run", type=click.Path(file_okay=False),
-              help="Reuse the base models of this `instill arithmetic` run directory.")
+              help="Reuse the base models of this `instill arithmetic` run directory (with "
+                   "--task shapes: of this `instill shapebias --arch resnet` run).")
 @click.option("--base", help="Base task expression, e.g. 'a^2 + a*b + b'.")
 @click.option("--subtasks", help="Comma-separated subtask expressions, e.g. 'a^2,a*b,b'.")
 @click.option("--replicates", type=int, help="Independent pipelines (base model, subnetworks).")
@@ -225,6 +228,8 @@ def modules(preset, config_file, out, assignments, threads, workers, device, exe
             **flags) -> None:
     """Several subtasks in one model: overlap, cross-ablation, union induction, compression."""
     from instill.experiments.modules import load_config, run_modules
+    from instill.experiments.modules_config import ShapesModulesConfig
+    from instill.experiments.modules_shapes import run_modules_shapes
 
     overrides = {
         **{k: v for k, v in flags.items() if v is not None and k in (
@@ -232,9 +237,10 @@ def modules(preset, config_file, out, assignments, threads, workers, device, exe
         "subtasks": _strings(flags["subtasks"]),
     }
     cfg = _config(load_config, preset, config_file, overrides, assignments)
+    run = run_modules_shapes if isinstance(cfg, ShapesModulesConfig) else run_modules
     start = time.perf_counter()
-    summary = run_modules(cfg, out, log=click.echo, threads=threads, device=device,
-                          executor=_executor(executor, workers, address))
+    summary = run(cfg, out, log=click.echo, threads=threads, device=device,
+                  executor=_executor(executor, workers, address))
     click.echo(summary["headline"])
     click.echo(f"done in {time.perf_counter() - start:.0f} s; report: {out / 'report.md'}")
 
@@ -244,15 +250,19 @@ def modules(preset, config_file, out, assignments, threads, workers, device, exe
 @click.option("--replicate", type=click.IntRange(min=0), default=0, show_default=True,
               help="Which pipeline's base model.")
 @click.option("--mask", default="base", show_default=True,
-              help="'base' (the base task's subnetwork), a subtask expression, or "
-                   "'magnitude:F' (global magnitude pruning keeping the fraction F).")
+              help="'base' (the base task's subnetwork), a subtask expression (with --task "
+                   "shapes: 'shape' or 'texture'), or 'magnitude:F' (global magnitude pruning "
+                   "keeping the fraction F).")
 @click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="Sparse safetensors file to write.")
 @user_errors
 def bake(run_dir, replicate, mask, out) -> None:
     """Export a pruned base model of an `instill modules` run as sparse safetensors."""
-    from instill.experiments.modules import bake_pruned
+    from instill.experiments import modules, modules_shapes
+    from instill.experiments.modules_common import recorded_config
 
+    task = recorded_config(run_dir, "instill modules").get("task")
+    bake_pruned = (modules_shapes if task == "shapes" else modules).bake_pruned
     sizes = bake_pruned(run_dir, replicate, mask, out)
     click.echo(f"wrote {out}: density {sizes['density']:.4f}, dense {sizes['dense_bytes']} "
                f"bytes, sparse {sizes['sparse_bytes']} bytes")

@@ -6,6 +6,7 @@ from .compression import (
     file_sizes,
     load_sparse,
     magnitude_mask,
+    pruned,
     save_sparse,
     sparse_state_dict,
     torch_prune_reference,
@@ -14,4 +15,4 @@ from .overlap import chance_overlap, check_same_model, cross_ablation, frivolous
 
 __all__ = ["chance_overlap", "check_same_model", "compression_curve", "cross_ablation",
            "file_sizes", "frivolous", "load_sparse", "magnitude_mask", "overlap_matrix",
-           "save_sparse", "sparse_state_dict", "torch_prune_reference"]
+           "pruned", "save_sparse", "sparse_state_dict", "torch_prune_reference"]

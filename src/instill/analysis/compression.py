@@ -97,6 +97,18 @@ def torch_prune_reference(model: nn.Module, kept_fraction: float,
                                                   "kept_fraction": repr(float(kept_fraction))})
 
 
+def pruned(model: nn.Module, sub: Subnetwork) -> nn.Module:
+    """A plain copy of `model` with every targeted weight outside `sub` set to zero (what
+    `save_sparse` then stores compactly)."""
+    sub.check_model(model)
+    out = copy.deepcopy(model)
+    params = dict(out.named_parameters())
+    with torch.no_grad():
+        for name, mask in sub.masks.items():
+            params[name].mul_(mask.to(params[name].device, params[name].dtype))
+    return out
+
+
 # --------------------------------------------------------------------------- curves
 
 

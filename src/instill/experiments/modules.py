@@ -13,31 +13,29 @@ intervals over pipelines) in `modules_report`.
 
 from __future__ import annotations
 
-import copy
-import dataclasses
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from instill.analysis import (
-    chance_overlap,
-    cross_ablation,
-    file_sizes,
-    frivolous,
-    magnitude_mask,
-    overlap_matrix,
-    save_sparse,
-    torch_prune_reference,
-)
+from instill.analysis import pruned, save_sparse
 from instill.checkpoint import load_model, save_model
-from instill.core import Subnetwork, apply_subnetwork
+from instill.core import Subnetwork
 from instill.core.targets import select_parameters
 from instill.errors import ConfigError, FileFormatError, SubnetworkMismatchError
 from instill.experiments.common import starting_model
 from instill.experiments.executors import Executor, LocalExecutor
 from instill.experiments.framework import Cell, Experiment, once, read_json, unusable
+from instill.experiments.modules_common import (
+    bake_mask,
+    chosen_attempt,
+    compression_points,
+    compression_rows,
+    modularity,
+    recorded_config,
+    union_model,
+)
 from instill.experiments.modules_config import (
     MODEL_KEYS,
     PRESETS,
@@ -62,25 +60,7 @@ from instill.tasks.arithmetic import (
 )
 from instill.tasks.expr import parse
 from instill.tasks.sequences import SequenceTask
-from instill.training import discover, fit
-
-
-def pruned(model: nn.Module, sub: Subnetwork) -> nn.Module:
-    """A plain copy of `model` with every targeted weight outside `sub` set to zero."""
-    sub.check_model(model)
-    out = copy.deepcopy(model)
-    params = dict(out.named_parameters())
-    with torch.no_grad():
-        for name, mask in sub.masks.items():
-            params[name].mul_(mask.to(params[name].device, params[name].dtype))
-    return out
-
-
-def union_model(trained: nn.Module, first: Subnetwork, second: Subnetwork,
-                seed: int) -> nn.Module:
-    """The union of two subnetworks transplanted (frozen) into a fresh model (Subtask Induction
-    of both at once)."""
-    return starting_model("subnet", trained, first | second, seed, freeze=True)
+from instill.training import DiscoveryConfig, discover, fit
 
 
 class ModulesRun(Experiment):
@@ -239,35 +219,9 @@ class ModulesRun(Experiment):
         def compute() -> None:
             model = self.base_model(replicate, attempt)
             subs = self.subnetworks(replicate, attempt, model)
-            metrics, seed = self.metrics(replicate), self.seed("ablation", replicate)
-            alone = {}
-            for n, sub in subs.items():
-                with apply_subnetwork(model, sub, "keep"):
-                    alone[n] = metrics[n](model)
-            # The base model outputs the base task only, so subtask j is read from subnetwork
-            # j alone: entry (i, j) is subnetwork j's subtask accuracy with i's weights removed.
-            def within(j: str):
-                return lambda m: _kept(m, subs[j], metrics[j])
-            reads = {**{j: within(j) for j in self.cfg.subtasks}, "base": metrics["base"]}
-            task_subs = {n: subs[n] for n in self.cfg.subtasks}
-            unused = frivolous(task_subs, base=subs["base"])
-            with apply_subnetwork(model, unused, "ablate"):
-                without = metrics["base"](model)
-            control = unused.sample_like(torch.Generator().manual_seed(seed))
-            with apply_subnetwork(model, control, "ablate"):
-                without_random = metrics["base"](model)
-            write_json(self.run.path(name), {
-                "alone": alone, "full": {n: f(model) for n, f in metrics.items()},
-                "density": {n: s.density() for n, s in subs.items()},
-                "per_layer_density": {n: s.per_layer_density() for n, s in subs.items()},
-                "overlap": overlap_matrix(subs),
-                "chance": {i: {j: chance_overlap(subs[i], subs[j]) for j in self.names}
-                           for i in self.names},
-                "cross_ablation": cross_ablation(model, task_subs, reads, seed),
-                "frivolous": {"fraction": unused.density(), "kept": unused.kept(),
-                              "base_accuracy_full": metrics["base"](model),
-                              "base_accuracy_removed": without,
-                              "base_accuracy_random_removed": without_random}})
+            write_json(self.run.path(name), modularity(
+                model, subs, self.cfg.subtasks, self.metrics(replicate),
+                self.seed("ablation", replicate)))
 
         once(self.run, [name], compute)
         return read_json(self.run, name, "recompute it")
@@ -316,12 +270,8 @@ class ModulesRun(Experiment):
             if c.union.enabled:
                 out += [Cell(f"r{r}-a{i}-union-t{t}-n{n}", ("union", r, i, float(t), n), inputs,
                              cost=4 * (n + 300)) for t in range(2) for n in c.union.grid]
-            points = [("magnitude", 0.0), *(("continuous", lam) for lam in c.compression.lambdas),
-                      *(("top_k", f) for f in c.compression.top_k)]
-            if c.compression.hard_concrete_lambda is not None:
-                points.append(("hard_concrete", c.compression.hard_concrete_lambda))
             out += [Cell(f"r{r}-a{i}-{m}-{p:g}", (m, r, i, p, 0), inputs, cost=2000)
-                    for m, p in points]
+                    for m, p in compression_points(c.compression)]
         return out
 
     def cell(self, kind: str, replicate: int, attempt: int, param: float, n: int
@@ -358,36 +308,17 @@ class ModulesRun(Experiment):
     def _compress(self, method: str, replicate: int, attempt: int, param: float
                   ) -> list[dict[str, Any]]:
         model, _ = self.source(replicate, attempt)
-        metric = self.metrics(replicate)["base"]
-        mask = self.cfg.discovery.mask
-        masks: list[tuple[str, float, Subnetwork]] = []
-        if method == "magnitude":
-            names = list(select_parameters(model, mask.targets, mask.exclude, mask.mask_bias))
-            for f in [1.0, *self.cfg.compression.fractions]:
-                masks.append(("magnitude", f, magnitude_mask(
-                    model, f, scope="global", targets=mask.targets, exclude=mask.exclude,
-                    mask_bias=mask.mask_bias)))
-                masks.append(("torch_prune", f, torch_prune_reference(model, f, names)))
-        else:
-            overrides = {"continuous": {"l0_lambda": param},
-                         "hard_concrete": {"method": "hard_concrete", "l0_lambda": param},
-                         "top_k": {"method": "top_k", "keep": param, "scope": "layer"}}[method]
-            cfg = dataclasses.replace(self.cfg.discovery,
-                                      mask=dataclasses.replace(mask, **overrides))
+
+        def train_mask(cfg: DiscoveryConfig) -> Subnetwork:
             seed = self.seed("compress", replicate, method, repr(param))
             torch.manual_seed(seed)
             data = self.sequences("base", self.cfg.compression.samples, seed)
-            sub, _ = discover(model, [data], self.task.loss, cfg, seed=seed,
-                              desc=f"{method} {param:g} r{replicate}")
-            masks.append((method, param, sub))
-        rows = []
-        for name, value, sub in masks:
-            with apply_subnetwork(model, sub, "keep"):
-                accuracy = metric(model)
-            rows.append({"kind": "compression", "replicate": replicate, "method": name,
-                         "param": value, "density": sub.density(), "kept": sub.kept(),
-                         "accuracy": accuracy, **file_sizes(model, pruned(model, sub))})
-        return rows
+            return discover(model, [data], self.task.loss, cfg, seed=seed,
+                            desc=f"{method} {param:g} r{replicate}")[0]
+
+        rows = compression_rows(model, method, param, self.metrics(replicate)["base"],
+                                self.cfg.discovery, self.cfg.compression, train_mask)
+        return [{**row, "replicate": replicate} for row in rows]
 
     def report(self, chosen: dict[tuple, dict[str, Any]], cells: list[Cell],
                records: list[dict[str, Any]]) -> dict[str, Any]:
@@ -399,39 +330,15 @@ class ModulesRun(Experiment):
                             self.warnings)
 
 
-def _kept(model: nn.Module, sub: Subnetwork, metric) -> float:
-    with apply_subnetwork(model, sub, "keep"):
-        return metric(model)
-
-
 def bake_pruned(run_dir: str | Path, replicate: int, mask: str, out: str | Path) -> dict:
     """Export a modules run's base model of one replicate, pruned to `mask` (`base`, a subtask
     expression, or `magnitude:F` for a global magnitude mask keeping the fraction F), as a
     sparse safetensors file; returns its dense and sparse sizes."""
     root = Path(run_dir)
-    if not (root / "config.json").is_file():
-        raise ConfigError(f"{root} has no config.json; pass the --out of an `instill modules` run")
-    cfg = load_config(None, load_config_file(root / "config.json").get("config", {}))
+    cfg = load_config(None, recorded_config(root, "instill modules"))
     run = ModulesRun(cfg, root, lambda _: None)
-    attempts = root / f"pipelines/r{replicate}/attempts.json"
-    if not attempts.is_file():
-        raise ConfigError(f"{root} has no finished pipeline r{replicate}; choose a replicate "
-                          f"below {cfg.replicates}")
-    model, subs = run.source(replicate, load_config_file(attempts)["attempt"])
-    if mask.startswith("magnitude:"):
-        try:
-            sub = magnitude_mask(model, float(mask.split(":", 1)[1]), scope="global",
-                                 targets=cfg.discovery.mask.targets,
-                                 exclude=cfg.discovery.mask.exclude)
-        except ValueError:
-            raise ConfigError(f"--mask {mask!r}: write magnitude:F with F in (0, 1]") from None
-    elif mask in subs:
-        sub = subs[mask]
-    else:
-        raise ConfigError(f"--mask {mask!r} is none of {list(subs)} or magnitude:F")
-    baked = pruned(model, sub)
-    save_sparse(out, baked)
-    return {**file_sizes(model, baked), "density": sub.density()}
+    model, subs = run.source(replicate, chosen_attempt(root, replicate, cfg.replicates))
+    return bake_mask(model, subs, mask, cfg.discovery, out)
 
 
 def run_modules(cfg: ModulesConfig, out: str | Path, log=print, threads: int = 1,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import statistics
 from collections import defaultdict
+from collections.abc import Callable
 from typing import Any
 
 from instill import stats
@@ -23,7 +24,7 @@ KEYS = ["kind", "replicate", "target", "condition", "n", "accuracy", "val_accura
         "param", "density", "kept", "dense_bytes", "sparse_bytes"]
 
 
-def _ci(values: list[float | None]) -> dict[str, Any]:
+def ci(values: list[float | None]) -> dict[str, Any]:
     """Mean and interval of the defined values (None: undefined, e.g. the shared fraction of
     an empty subnetwork); all None gives None fields and n 0."""
     kept = [v for v in values if v is not None and math.isfinite(v)]
@@ -32,7 +33,7 @@ def _ci(values: list[float | None]) -> dict[str, Any]:
     return stats.bootstrap_mean(kept).to_dict()
 
 
-def _fmt(d: dict[str, Any], spec: str = ".3f") -> str:
+def fmt(d: dict[str, Any], spec: str = ".3f") -> str:
     if d["mean"] is None:
         return "undefined"
     return f"{d['mean']:{spec}} [{d['low']:{spec}}, {d['high']:{spec}}]"
@@ -42,7 +43,7 @@ def _paired(a: list[float], b: list[float]) -> stats.Paired:
     return stats.paired_difference(a, b)
 
 
-def _decided(family: dict[str, stats.Paired]) -> dict[str, dict[str, Any]]:
+def decided(family: dict[str, stats.Paired]) -> dict[str, dict[str, Any]]:
     return {k: {**p.to_dict(), "decision": stats.decide(p)}
             for k, p in stats.adjust(family).items()}
 
@@ -59,9 +60,9 @@ def overlap_summary(analyses: dict[str, dict], names: list[str]) -> dict[str, An
             chance = [analyses[u]["chance"][i][j]["iou"] for u in units]
             shared = [analyses[u]["overlap"]["shared_fraction"][i][j] for u in units]
             shared_chance = [analyses[u]["chance"][i][j]["shared_a_in_b"] for u in units]
-            pairs[f"({i}, {j})"] = {"iou": _ci(iou), "chance_iou": _ci(chance),
-                                   "shared_fraction": _ci(shared),
-                                   "chance_shared_fraction": _ci(shared_chance)}
+            pairs[f"({i}, {j})"] = {"iou": ci(iou), "chance_iou": ci(chance),
+                                   "shared_fraction": ci(shared),
+                                   "chance_shared_fraction": ci(shared_chance)}
             if names.index(i) < names.index(j):
                 family[f"({i}, {j})"] = _paired(iou, chance)
     layers = list(analyses[units[0]]["overlap"]["per_layer"])
@@ -73,10 +74,10 @@ def overlap_summary(analyses: dict[str, dict], names: list[str]) -> dict[str, An
         for a, i in enumerate(names) for j in names[a + 1:]} for layer in layers}
     density = {n: {layer: statistics.fmean(analyses[u]["per_layer_density"][n][layer]
                                            for u in units) for layer in layers} for n in names}
-    return {"pairs": pairs, "iou_vs_chance": _decided(family), "per_layer": per_layer,
+    return {"pairs": pairs, "iou_vs_chance": decided(family), "per_layer": per_layer,
             "per_layer_density": density,
-            "density": {n: _ci([analyses[u]["density"][n] for u in units]) for n in names},
-            "alone": {n: _ci([analyses[u]["alone"][n] for u in units]) for n in names}}
+            "density": {n: ci([analyses[u]["density"][n] for u in units]) for n in names},
+            "alone": {n: ci([analyses[u]["alone"][n] for u in units]) for n in names}}
 
 
 def ablation_summary(analyses: dict[str, dict], subtasks: list[str]) -> dict[str, Any]:
@@ -84,19 +85,19 @@ def ablation_summary(analyses: dict[str, dict], subtasks: list[str]) -> dict[str
     units = sorted(analyses)
     reads = [*subtasks, "base"]
     cross = {u: analyses[u]["cross_ablation"] for u in units}
-    matrix = {i: {j: {"ablated": _ci([cross[u]["ablated"][i][j] for u in units]),
-                      "random": _ci([cross[u]["random_ablated"][i][j] for u in units])}
+    matrix = {i: {j: {"ablated": ci([cross[u]["ablated"][i][j] for u in units]),
+                      "random": ci([cross[u]["random_ablated"][i][j] for u in units])}
                   for j in reads} for i in subtasks}
     spec = {i: _paired([cross[u]["specificity"][i] for u in units],
                        [cross[u]["random_specificity"][i] for u in units]) for i in subtasks}
-    return {"reads": reads, "baseline": {j: _ci([cross[u]["baseline"][j] for u in units])
+    return {"reads": reads, "baseline": {j: ci([cross[u]["baseline"][j] for u in units])
                                          for j in reads},
             "matrix": matrix,
-            "specificity": {i: _ci([cross[u]["specificity"][i] for u in units])
+            "specificity": {i: ci([cross[u]["specificity"][i] for u in units])
                             for i in subtasks},
-            "random_specificity": {i: _ci([cross[u]["random_specificity"][i] for u in units])
+            "random_specificity": {i: ci([cross[u]["random_specificity"][i] for u in units])
                                    for i in subtasks},
-            "specificity_vs_random": _decided(spec)}
+            "specificity_vs_random": decided(spec)}
 
 
 def compression_summary(rows: list[dict]) -> list[dict[str, Any]]:
@@ -107,8 +108,8 @@ def compression_summary(rows: list[dict]) -> list[dict[str, Any]]:
     out = []
     for (method, param), group in sorted(groups.items(), key=lambda g: (g[0][0], -g[0][1])):
         out.append({"method": method, "param": param,
-                    "density": _ci([r["density"] for r in group]),
-                    "accuracy": _ci([r["accuracy"] for r in group]),
+                    "density": ci([r["density"] for r in group]),
+                    "accuracy": ci([r["accuracy"] for r in group]),
                     "dense_bytes": statistics.fmean(r["dense_bytes"] for r in group),
                     "sparse_bytes": statistics.fmean(r["sparse_bytes"] for r in group)})
     return out
@@ -128,8 +129,8 @@ def union_summary(rows: list[dict], pair: list[str], targets: list[str]) -> dict
               for t in targets for c in ("first", "second", "random")}
     return {"pair": pair, "targets": targets,
             "matching": {targets[0]: "first", targets[1]: "second"},
-            "auc": {t: {c: _ci(auc[t, c]) for c in conditions} for t in targets},
-            "versus": _decided(family)}
+            "auc": {t: {c: ci(auc[t, c]) for c in conditions} for t in targets},
+            "versus": decided(family)}
 
 
 def headline(over: dict, ablation: dict, union: dict | None, n: int) -> str:
@@ -137,7 +138,7 @@ def headline(over: dict, ablation: dict, union: dict | None, n: int) -> str:
     verdicts = over["iou_vs_chance"]
     task_pairs = [k for k in verdicts if ", base)" not in k]
     above = [k for k in task_pairs if verdicts[k]["decision"] == "better"]
-    ious = ", ".join(f"{k} {_fmt(over['pairs'][k]['iou'], '.2f')} vs chance "
+    ious = ", ".join(f"{k} {fmt(over['pairs'][k]['iou'], '.2f')} vs chance "
                      f"{over['pairs'][k]['chance_iou']['mean']:.2f}" for k in task_pairs)
     specific = [i for i, v in ablation["specificity_vs_random"].items()
                 if v["decision"] == "better"]
@@ -153,16 +154,16 @@ def headline(over: dict, ablation: dict, union: dict | None, n: int) -> str:
             name = union["pair"][0 if other == "first" else 1]
             gain = union["versus"][f"{t}: union vs {other}"]
             same = union["versus"][f"{t}: union vs {match}"]
-            parts.append(f"on `{t}` it {_verdict(gain)} `{name}` alone (AUC "
+            parts.append(f"on `{t}` it {verdict(gain)} `{name}` alone (AUC "
                          f"{gain['mean_diff']:+.2f} [{gain['low']:.2f}, {gain['high']:.2f}]) "
-                         f"and {_verdict(same)} its matching subnetwork alone "
+                         f"and {verdict(same)} its matching subnetwork alone "
                          f"({same['mean_diff']:+.2f} [{same['low']:.2f}, {same['high']:.2f}])")
         text += (f"; the union of `{union['pair'][0]}` and `{union['pair'][1]}`: "
                  + "; ".join(parts))
     return text + "."
 
 
-def _verdict(result: dict) -> str:
+def verdict(result: dict) -> str:
     return {"better": "beats", "worse": "is worse than",
             "indistinguishable": "is not distinguishable at this power from"}[
         result["decision"]]
@@ -177,6 +178,15 @@ def _flat(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             out[f"{prefix}{key}"] = value
     return out
+
+
+def _short(layer: str) -> str:
+    """A parameter name short enough for an axis label."""
+    for long, short in (("transformer.", ""), ("resnet.encoder.stages.", "s"), ("resnet.", ""),
+                        (".layers.", ".l"), (".layer.", "."), (".convolution", ".conv"),
+                        (".weight", "")):
+        layer = layer.replace(long, short)
+    return layer
 
 
 def _figures(run: RunDir, over: dict, ablation: dict, comp: list[dict], names: list[str],
@@ -202,8 +212,7 @@ def _figures(run: RunDir, over: dict, ablation: dict, comp: list[dict], names: l
     for k, n in enumerate(names):
         bx.bar(x + k * 0.8 / len(names), [over["per_layer_density"][n][la] for la in layers],
                0.8 / len(names), label=n)
-    bx.set_xticks(x + 0.4, [la.replace("transformer.", "").replace(".weight", "")
-                            for la in layers], rotation=60, ha="right", fontsize=7)
+    bx.set_xticks(x + 0.4, [_short(la) for la in layers], rotation=60, ha="right", fontsize=7)
     bx.set_ylabel("kept fraction")
     bx.set_title("per-layer density")
     bx.legend(fontsize=8)
@@ -246,48 +255,66 @@ def _figures(run: RunDir, over: dict, ablation: dict, comp: list[dict], names: l
 def write_report(run: RunDir, cfg: dict[str, Any], defaults: dict[str, Any], rows: list[dict],
                  analyses: dict[str, dict], gates: dict[str, Any],
                  warnings: list[str]) -> dict[str, Any]:
-    """results.csv, summary.json, the figures and report.md; returns the summary."""
+    """The arithmetic run's results.csv, summary.json, figures and report.md; the summary."""
     subtasks = list(cfg["subtasks"])
-    names = [*subtasks, "base"]
-    reporting.write_csv(run.path("results.csv"), KEYS,
-                        [{k: row.get(k) for k in KEYS} for row in rows])
-    over = overlap_summary(analyses, names)
-    ablation = ablation_summary(analyses, subtasks)
-    comp = compression_summary([r for r in rows if r["kind"] == "compression"])
     union_rows = [r for r in rows if r["kind"] == "union"]
     union = union_summary(union_rows, cfg["union"]["pair"], cfg["union"]["targets"]) \
         if union_rows else None
+    title = f"# Modules: `{cfg['base']}` with subtasks " + ", ".join(f"`{t}`" for t in subtasks)
+    return write_modules_report(
+        run, cfg, defaults, rows, analyses, gates, warnings, subtasks=subtasks, keys=KEYS,
+        title=title, union=union, own_lines=_union_lines(union) if union else [],
+        headline_of=lambda over, ablation, n: headline(over, ablation, union, n))
+
+
+def write_modules_report(run: RunDir, cfg: dict[str, Any], defaults: dict[str, Any],
+                         rows: list[dict], analyses: dict[str, dict], gates: dict[str, Any],
+                         warnings: list[str], *, subtasks: list[str], keys: list[str],
+                         title: str, union: dict | None, own_lines: list[str],
+                         headline_of: Callable[[dict, dict, int], str],
+                         extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What every modules variant writes: results.csv (`keys`), summary.json, overlap.png,
+    ablation.png, compression.png and report.md, with the variant's own sections
+    (`own_lines`, after the shared ones), headline and `extra` summary entries."""
+    names = [*subtasks, "base"]
+    reporting.write_csv(run.path("results.csv"), keys,
+                        [{k: row.get(k) for k in keys} for row in rows])
+    over = overlap_summary(analyses, names)
+    ablation = ablation_summary(analyses, subtasks)
+    comp = compression_summary([r for r in rows if r["kind"] == "compression"])
     units = sorted(analyses)
-    friv = {k: _ci([analyses[u]["frivolous"][k] for u in units]) for k in
+    friv = {k: ci([analyses[u]["frivolous"][k] for u in units]) for k in
             ("fraction", "base_accuracy_full", "base_accuracy_removed",
              "base_accuracy_random_removed")}
-    summary = {"units": units, "headline": headline(over, ablation, union, len(units)),
+    summary = {"units": units, "headline": headline_of(over, ablation, len(units)),
                "overlap": over, "cross_ablation": ablation, "frivolous": friv,
                "compression": comp, "union": union, "gates": gates,
                "gates_overridden": [u for u, g in gates.items() if g.get("overridden")],
-               "warnings": warnings}
+               "warnings": warnings, **(extra or {})}
     write_json(run.path("summary.json"), summary)
     _figures(run, over, ablation, comp, names, subtasks)
-    atomic_write_text(run.path("report.md"), _markdown(summary, cfg, defaults, names, subtasks))
+    lines = [title, "", f"**{summary['headline']}**", "",
+             "Every value: mean [95% bootstrap interval] over pipelines; comparisons are paired "
+             "(same pipeline), t-test, Holm-corrected per table.", "",
+             *_sections(summary, names, subtasks), *own_lines,
+             *_closing(summary, cfg, defaults)]
+    atomic_write_text(run.path("report.md"), "\n".join(lines))
     return summary
 
 
-def _markdown(s: dict, cfg: dict, defaults: dict, names: list[str], subtasks: list[str]) -> str:
+def _sections(s: dict, names: list[str], subtasks: list[str]) -> list[str]:
+    """The report's subnetwork, overlap, cross-ablation, frivolous and compression sections."""
     over, abl = s["overlap"], s["cross_ablation"]
-    lines = [f"# Modules: `{cfg['base']}` with subtasks " + ", ".join(f"`{t}`" for t in subtasks),
-             "", f"**{s['headline']}**", "",
-             "Every value: mean [95% bootstrap interval] over pipelines; comparisons are paired "
-             "(same pipeline), t-test, Holm-corrected per table.", "",
-             "## Subnetworks", "",
+    return ["## Subnetworks", "",
              table(["subnetwork", "density", "accuracy alone on its task"],
-                   [[n, _fmt(over["density"][n], ".4f"), _fmt(over["alone"][n])]
+                   [[n, fmt(over["density"][n], ".4f"), fmt(over["alone"][n])]
                     for n in names]), "",
              "## Overlap against chance (overlap.png)", "",
              "IoU = |i∩j|/|i∪j|; shared = |i∩j|/|i| (fraction of i also in j); chance: two "
              "random masks with the same per-layer counts.", "",
              table(["(i, j)", "IoU", "chance IoU", "shared of i in j", "chance shared"],
-                   [[k, _fmt(v["iou"]), _fmt(v["chance_iou"]), _fmt(v["shared_fraction"]),
-                     _fmt(v["chance_shared_fraction"])] for k, v in over["pairs"].items()]), "",
+                   [[k, fmt(v["iou"]), fmt(v["chance_iou"]), fmt(v["shared_fraction"]),
+                     fmt(v["chance_shared_fraction"])] for k, v in over["pairs"].items()]), "",
              table(["pair", "IoU - chance", "p_adj", "decision"],
                    [[k, f"{v['mean_diff']:+.3f} [{v['low']:.3f}, {v['high']:.3f}]",
                      f"{v['p_adjusted']:.2g}", v["decision"]]
@@ -298,22 +325,23 @@ def _markdown(s: dict, cfg: dict, defaults: dict, names: list[str], subtasks: li
                     for layer, row in over["per_layer"].items()]), "",
              "## Cross-ablation (ablation.png)", "",
              "Row i: subnetwork i's weights removed; column j: subtask j read from subnetwork j "
-             "alone (the base model computes only the base task), `base`: the full model on the "
-             "base task. Random: the same per-layer counts removed at random.", "",
+             "alone (so the read does not need the base model's head to compute subtask j), "
+             "`base`: the full model on the base task. Random: the same per-layer counts "
+             "removed at random.", "",
              table(["ablated \\ read", *abl["reads"]],
-                   [["(none)", *(_fmt(abl["baseline"][j]) for j in abl["reads"])]]
-                   + [[i, *(f"{_fmt(abl['matrix'][i][j]['ablated'])} / random "
+                   [["(none)", *(fmt(abl["baseline"][j]) for j in abl["reads"])]]
+                   + [[i, *(f"{fmt(abl['matrix'][i][j]['ablated'])} / random "
                             f"{abl['matrix'][i][j]['random']['mean']:.3f}" for j in abl["reads"])]
                       for i in subtasks]), "",
              table(["subnetwork", "specificity", "random specificity", "difference", "decision"],
-                   [[i, _fmt(abl["specificity"][i]), _fmt(abl["random_specificity"][i]),
+                   [[i, fmt(abl["specificity"][i]), fmt(abl["random_specificity"][i]),
                      f"{v['mean_diff']:+.3f} [{v['low']:.3f}, {v['high']:.3f}]", v["decision"]]
                     for i, v in abl["specificity_vs_random"].items()]), "",
              "Specificity: drop on its own subtask minus the mean drop on the other reads.", "",
              "## Frivolous weights", "",
              table(["fraction unused by every subnetwork and the base", "base accuracy",
                     "with them removed", "with as many random weights removed"],
-                   [[_fmt(s["frivolous"][k]) for k in ("fraction", "base_accuracy_full",
+                   [[fmt(s["frivolous"][k]) for k in ("fraction", "base_accuracy_full",
                                                        "base_accuracy_removed",
                                                        "base_accuracy_random_removed")]]), "",
              "## Compression (compression.png)", "",
@@ -321,28 +349,36 @@ def _markdown(s: dict, cfg: dict, defaults: dict, names: list[str], subtasks: li
              "torch_prune, top_k) or lambda (continuous, hard_concrete). Sizes: safetensors of "
              "the dense model and of the pruned model in instill's sparse format.", "",
              table(["method", "param", "kept fraction", "accuracy", "dense KiB", "sparse KiB"],
-                   [[r["method"], f"{r['param']:g}", _fmt(r["density"], ".4f"),
-                     _fmt(r["accuracy"]), f"{r['dense_bytes'] / 1024:.0f}",
+                   [[r["method"], f"{r['param']:g}", fmt(r["density"], ".4f"),
+                     fmt(r["accuracy"]), f"{r['dense_bytes'] / 1024:.0f}",
                      f"{r['sparse_bytes'] / 1024:.0f}"] for r in s["compression"]]), ""]
-    if s["union"]:
-        u = s["union"]
-        lines += ["## Union induction", "",
-                  f"Transplanted (frozen) into a fresh model: the union of `{u['pair'][0]}` "
-                  f"(first) and `{u['pair'][1]}` (second), each alone, or nothing (random); "
-                  "AUC of test accuracy over log(1+n).", "",
-                  table(["target", *u["auc"][u["targets"][0]]],
-                        [[t, *(_fmt(v) for v in row.values())] for t, row in u["auc"].items()]),
-                  "",
-                  table(["comparison", "AUC difference", "p_adj", "decision"],
-                        [[k, f"{v['mean_diff']:+.3f} [{v['low']:.3f}, {v['high']:.3f}]",
-                          f"{v['p_adjusted']:.2g}", v["decision"]]
-                         for k, v in u["versus"].items()]), ""]
-    lines += ["## Gates", "", reporting.gates_table(s["gates"]), ""]
+
+
+def _union_lines(u: dict) -> list[str]:
+    """The arithmetic union-induction section: AUC per target and condition, comparisons."""
+    return ["## Union induction", "",
+            f"Transplanted (frozen) into a fresh model: the union of `{u['pair'][0]}` "
+            f"(first) and `{u['pair'][1]}` (second), each alone, or nothing (random); "
+            "AUC of test accuracy over log(1+n).", "",
+            table(["target", *u["auc"][u["targets"][0]]],
+                  [[t, *(fmt(v) for v in row.values())] for t, row in u["auc"].items()]),
+            "", versus_table(u["versus"], "AUC difference"), ""]
+
+
+def versus_table(versus: dict[str, dict], what: str) -> str:
+    """A table of decided paired comparisons: difference, interval, p_adj, decision."""
+    return table(["comparison", what, "p_adj", "decision"],
+                 [[k, f"{v['mean_diff']:+.3f} [{v['low']:.3f}, {v['high']:.3f}]",
+                   f"{v['p_adjusted']:.2g}", v["decision"]] for k, v in versus.items()])
+
+
+def _closing(s: dict, cfg: dict, defaults: dict) -> list[str]:
+    """Gates, warnings and the settings that differ from the paper-sized defaults."""
+    lines = ["## Gates", "", reporting.gates_table(s["gates"]), ""]
     if s["gates_overridden"]:
         lines += [f"Gates overridden (enforce: false) for {s['gates_overridden']}.", ""]
     lines += [f"Warning: {w}" for w in s["warnings"]]
     mine, paper = _flat(cfg), _flat(defaults)
     changed = [f"- `{k}`: {v} (paper: {paper.get(k)})" for k, v in mine.items()
                if v != paper.get(k)]
-    lines += ["## Settings that differ from the paper-sized defaults", "", *changed, ""]
-    return "\n".join(lines)
+    return [*lines, "## Settings that differ from the paper-sized defaults", "", *changed, ""]

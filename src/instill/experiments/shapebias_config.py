@@ -15,6 +15,7 @@ from instill.experiments.common import (
     layered_config,
 )
 from instill.experiments.pipeline import GatePolicy
+from instill.models.specs import ResNetSpec
 from instill.tasks.shape_task import AugmentConfig
 from instill.tasks.shapes import ShapeWorld
 from instill.training import DiscoveryConfig, FitConfig
@@ -24,24 +25,6 @@ SHAPE_CONDITIONS = (*PAPER_CONDITIONS, "random_aug", "random_subnet")
 #: Every condition this experiment can compare.
 ALL_SHAPE_CONDITIONS = (*CONDITIONS, "random_aug", "random_subnet")
 ARCHS = ("resnet", "vit")
-
-
-@dataclass
-class ResNetSpec:
-    """A small HF ResNet (`build_model("resnet")`); (64, [64,128,256,512], [2,2,2,2]) is
-    ResNet-18's layout."""
-
-    embedding_size: int = 64
-    hidden_sizes: list[int] = field(default_factory=lambda: [64, 128, 256, 512])
-    depths: list[int] = field(default_factory=lambda: [2, 2, 2, 2])
-    layer_type: Literal["basic", "bottleneck"] = "basic"
-
-    def __post_init__(self) -> None:
-        if not self.hidden_sizes or len(self.hidden_sizes) != len(self.depths):
-            raise ConfigError(f"resnet.hidden_sizes and resnet.depths must be non-empty lists of "
-                              f"the same length, got {self.hidden_sizes} and {self.depths}")
-        if min(self.hidden_sizes + self.depths + [self.embedding_size]) < 1:
-            raise ConfigError("resnet sizes and depths must be >= 1")
 
 
 @dataclass
