@@ -113,6 +113,16 @@ def _executor(kind: str, workers: int | None, address: str | None) -> Any:
     return make_executor(kind, workers=workers or os.cpu_count() or 1, address=address)
 
 
+def _run(run: Callable[..., dict[str, Any]], cfg: Any, out: Path, threads: int,
+         device: str, executor: str, workers: int | None, address: str | None) -> None:
+    """Run an experiment into `out` on the chosen executor; print its headline and time."""
+    start = time.perf_counter()
+    summary = run(cfg, out, log=click.echo, threads=threads, device=device,
+                  executor=_executor(executor, workers, address))
+    click.echo(summary["headline"])
+    click.echo(f"done in {time.perf_counter() - start:.0f} s; report: {out / 'report.md'}")
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="instill")
 def main() -> None:
@@ -156,11 +166,7 @@ def arithmetic(preset, config_file, out, assignments, threads, workers, device, 
         "conditions": _strings(flags["conditions"]),
     }
     cfg = _config(load_config, preset, config_file, overrides, assignments)
-    start = time.perf_counter()
-    summary = run_arithmetic(cfg, out, log=click.echo, threads=threads, device=device,
-                             executor=_executor(executor, workers, address))
-    click.echo(summary["headline"])
-    click.echo(f"done in {time.perf_counter() - start:.0f} s; report: {out / 'report.md'}")
+    _run(run_arithmetic, cfg, out, threads, device, executor, workers, address)
 
 
 @main.command()
@@ -201,11 +207,7 @@ def shapebias(preset, config_file, out, assignments, threads, workers, device, e
         "conditions": _strings(flags["conditions"]),
     }
     cfg = _config(load_config, preset, config_file, overrides, assignments)
-    start = time.perf_counter()
-    summary = run_shapebias(cfg, out, log=click.echo, threads=threads, device=device,
-                            executor=_executor(executor, workers, address))
-    click.echo(summary["headline"])
-    click.echo(f"done in {time.perf_counter() - start:.0f} s; report: {out / 'report.md'}")
+    _run(run_shapebias, cfg, out, threads, device, executor, workers, address)
 
 
 @main.command()
@@ -238,11 +240,7 @@ def modules(preset, config_file, out, assignments, threads, workers, device, exe
     }
     cfg = _config(load_config, preset, config_file, overrides, assignments)
     run = run_modules_shapes if isinstance(cfg, ShapesModulesConfig) else run_modules
-    start = time.perf_counter()
-    summary = run(cfg, out, log=click.echo, threads=threads, device=device,
-                  executor=_executor(executor, workers, address))
-    click.echo(summary["headline"])
-    click.echo(f"done in {time.perf_counter() - start:.0f} s; report: {out / 'report.md'}")
+    _run(run, cfg, out, threads, device, executor, workers, address)
 
 
 @main.command()
@@ -341,11 +339,7 @@ def continual(preset, config_file, out, assignments, threads, workers, device, e
         "methods": _strings(flags["methods"]),
     }
     cfg = _config(load_config, preset, config_file, overrides, assignments)
-    start = time.perf_counter()
-    summary = run_continual(cfg, out, log=click.echo, threads=threads, device=device,
-                            executor=_executor(executor, workers, address))
-    click.echo(summary["headline"])
-    click.echo(f"done in {time.perf_counter() - start:.0f} s; report: {out / 'report.md'}")
+    _run(run_continual, cfg, out, threads, device, executor, workers, address)
 
 
 if __name__ == "__main__":
