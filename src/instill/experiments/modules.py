@@ -19,15 +19,15 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from instill.analysis import pruned, save_sparse
-from instill.checkpoint import load_model, save_model
+from instill.analysis import pruned
+from instill.checkpoint import save_model
 from instill.core import Subnetwork
-from instill.core.targets import select_parameters
 from instill.errors import ConfigError, FileFormatError, SubnetworkMismatchError
 from instill.experiments.common import starting_model
 from instill.experiments.executors import Executor, LocalExecutor
-from instill.experiments.framework import Cell, Experiment, once, read_json, unusable
+from instill.experiments.framework import Cell, once, read_json, unusable
 from instill.experiments.modules_common import (
+    ModulesExperiment,
     bake_mask,
     chosen_attempt,
     compression_points,
@@ -63,7 +63,7 @@ from instill.tasks.sequences import SequenceTask
 from instill.training import DiscoveryConfig, discover, fit
 
 
-class ModulesRun(Experiment):
+class ModulesRun(ModulesExperiment):
     """One run directory: `pipelines/r{r}/a{i}/` holds a base model, `sub-{k}.safetensors` per
     subtask k (index in `subtasks`), `sub-base.safetensors` and `analysis.json`; `cells/` the
     union-induction and compression records."""
@@ -97,20 +97,6 @@ class ModulesRun(Experiment):
         tag = "base" if name == "base" else str(self.cfg.subtasks.index(name))
         return f"{where}/sub-{tag}.safetensors"
 
-    def prepare(self) -> list[str]:
-        mask = self.cfg.discovery.mask
-        with torch.random.fork_rng(devices=[]):
-            select_parameters(self.build(), mask.targets, mask.exclude, mask.mask_bias)
-        if self.cfg.from_run:
-            self.source_units()
-        return []
-
-    def pipelines(self) -> list[tuple[int]]:
-        return [(r,) for r in range(self.cfg.replicates)]
-
-    def pipeline_dir(self, unit: tuple) -> str:
-        return f"pipelines/r{unit[0]}"
-
     # -- base model: trained here or reused -------------------------------------------------
     def source_units(self) -> list[Path]:
         """The reused run's chosen base attempt per replicate; a clear error unless it trained
@@ -141,13 +127,6 @@ class ModulesRun(Experiment):
             paths.append(unit / f"a{attempt}")
         return paths
 
-    def base_phase(self, replicate: int, attempt: int) -> dict[str, Any]:
-        """Train (or copy from `from_run`) the base model of this attempt; its record."""
-        where = self.attempt_dir((replicate,), attempt)
-        once(self.run, [f"{where}/base.json", f"{where}/base.safetensors"],
-             lambda: self._base(replicate, attempt, where))
-        return read_json(self.run, f"{where}/base.json", "retrain it")
-
     def _base(self, replicate: int, attempt: int, where: str) -> None:
         if self.cfg.from_run:
             source = self.source_units()[replicate]
@@ -170,15 +149,6 @@ class ModulesRun(Experiment):
         write_json(self.run.path(f"{where}/base.json"), info)
         self.log(f"base r{replicate} a{attempt}: `{self.cfg.base}` held-out accuracy "
                  f"{info['test_accuracy']:.3f}")
-
-    def base_model(self, replicate: int, attempt: int) -> nn.Module:
-        path = self.run.path(f"{self.attempt_dir((replicate,), attempt)}/base.safetensors")
-        model = self.build()
-        try:
-            load_model(path, model)
-        except (FileFormatError, SubnetworkMismatchError) as err:
-            raise unusable(err, path, "retrain (or recopy) it") from None
-        return model.eval()
 
     # -- subnetworks and their analyses -----------------------------------------------------
     def subnetworks(self, replicate: int, attempt: int, model: nn.Module
@@ -240,26 +210,7 @@ class ModulesRun(Experiment):
                                 "masks longer (discovery.epochs) or with another lr")
                            for n in self.cfg.subtasks)]
 
-    def complete(self, unit: tuple, attempt: int) -> dict[str, Any]:
-        """The analyses, and the base subnetwork's pruned model as a sparse file (`bake`)."""
-        record = self.analysis(unit[0], attempt)
-        name = f"{self.attempt_dir(unit, attempt)}/pruned-base.safetensors"
-
-        def bake() -> None:
-            model, subs = self.source(unit[0], attempt)
-            save_sparse(self.run.path(name), pruned(model, subs["base"]))
-
-        once(self.run, [name], bake)
-        return record
-
     # -- cells ------------------------------------------------------------------------------
-    def source(self, replicate: int, attempt: int) -> tuple[nn.Module, dict[str, Subnetwork]]:
-        key = (replicate, attempt)
-        if key not in self._sources:
-            model = self.base_model(replicate, attempt)
-            self._sources[key] = model, self.subnetworks(replicate, attempt, model)
-        return self._sources[key]
-
     def cells(self, chosen: dict[tuple, dict[str, Any]]) -> list[Cell]:
         out, c = [], self.cfg
         for (r,), record in chosen.items():

@@ -23,15 +23,77 @@ from instill.analysis import (
     save_sparse,
     torch_prune_reference,
 )
+from instill.checkpoint import load_model
 from instill.core import Subnetwork, apply_subnetwork
 from instill.core.targets import select_parameters
-from instill.errors import ConfigError
+from instill.errors import ConfigError, FileFormatError, SubnetworkMismatchError
 from instill.experiments.common import starting_model
+from instill.experiments.framework import Experiment, once, read_json, unusable
 from instill.experiments.modules_config import CompressionConfig
 from instill.runio import load_config_file
 from instill.training import DiscoveryConfig
 
 Metric = Callable[[nn.Module], float]
+
+
+class ModulesExperiment(Experiment):
+    """The pipeline both variants share: one base model per attempt, its subnetworks and
+    analyses, and the base subnetwork's pruned model as a sparse file. A variant defines
+    `build()`, `_base(replicate, attempt, where)` (train, or copy from `from_run`),
+    `source_units()`, `subnetworks(replicate, attempt, model)` and `analysis(...)`."""
+
+    _sources: dict[tuple[int, int], tuple[nn.Module, dict[str, Subnetwork]]]
+
+    def prepare(self) -> list[str]:
+        """Fail on mask targets that match nothing, and on a bad `from_run`, before training."""
+        mask = self.cfg.discovery.mask
+        with torch.random.fork_rng(devices=[]):
+            select_parameters(self.build(), mask.targets, mask.exclude, mask.mask_bias)
+        if self.cfg.from_run:
+            self.source_units()
+        return []
+
+    def pipelines(self) -> list[tuple[int]]:
+        return [(r,) for r in range(self.cfg.replicates)]
+
+    def pipeline_dir(self, unit: tuple) -> str:
+        return f"pipelines/r{unit[0]}"
+
+    def base_phase(self, replicate: int, attempt: int) -> dict[str, Any]:
+        """Train (or copy from `from_run`) the base model of this attempt; its record."""
+        where = self.attempt_dir((replicate,), attempt)
+        once(self.run, [f"{where}/base.json", f"{where}/base.safetensors"],
+             lambda: self._base(replicate, attempt, where))
+        return read_json(self.run, f"{where}/base.json", "retrain it")
+
+    def base_model(self, replicate: int, attempt: int) -> nn.Module:
+        path = self.run.path(f"{self.attempt_dir((replicate,), attempt)}/base.safetensors")
+        model = self.build()
+        try:
+            load_model(path, model)
+        except (FileFormatError, SubnetworkMismatchError) as err:
+            raise unusable(err, path, "retrain (or recopy) it") from None
+        return model.eval()
+
+    def complete(self, unit: tuple, attempt: int) -> dict[str, Any]:
+        """The analyses, and the base subnetwork's pruned model as a sparse file (`bake`)."""
+        record = self.analysis(unit[0], attempt)
+        name = f"{self.attempt_dir(unit, attempt)}/pruned-base.safetensors"
+
+        def bake() -> None:
+            model, subs = self.source(unit[0], attempt)
+            save_sparse(self.run.path(name), pruned(model, subs["base"]))
+
+        once(self.run, [name], bake)
+        return record
+
+    def source(self, replicate: int, attempt: int) -> tuple[nn.Module, dict[str, Subnetwork]]:
+        """The chosen attempt's base model and subnetworks, read once per process."""
+        key = (replicate, attempt)
+        if key not in self._sources:
+            model = self.base_model(replicate, attempt)
+            self._sources[key] = model, self.subnetworks(replicate, attempt, model)
+        return self._sources[key]
 
 
 def union_model(trained: nn.Module, first: Subnetwork, second: Subnetwork,

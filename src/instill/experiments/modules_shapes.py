@@ -22,15 +22,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from instill.analysis import pruned, save_sparse
-from instill.checkpoint import load_model, save_model
+from instill.checkpoint import save_model
 from instill.core import Subnetwork
-from instill.core.targets import select_parameters
 from instill.errors import ConfigError, FileFormatError, SubnetworkMismatchError
 from instill.experiments.common import starting_model
 from instill.experiments.executors import Executor, LocalExecutor
-from instill.experiments.framework import Cell, Experiment, once, read_json, unusable
+from instill.experiments.framework import Cell, once, read_json, unusable
 from instill.experiments.modules_common import (
+    ModulesExperiment,
     bake_mask,
     chosen_attempt,
     compression_points,
@@ -85,7 +84,7 @@ def make_data(cfg: ShapesModulesConfig) -> ShapesData:
         cue_conflict=gen("cue_conflict", cfg.eval_samples, "cue_conflict"))
 
 
-class ModulesShapesRun(Experiment):
+class ModulesShapesRun(ModulesExperiment):
     """One run directory: `pipelines/r{r}/a{i}/` holds a base model, `sub-shape`, `sub-texture`
     and `sub-base.safetensors` and `analysis.json`; `cells/` the union and compression records."""
 
@@ -111,20 +110,6 @@ class ModulesShapesRun(Experiment):
 
     def build(self) -> nn.Module:
         return self.cfg.resnet.build(self.cfg.classes)
-
-    def prepare(self) -> list[str]:
-        mask = self.cfg.discovery.mask
-        with torch.random.fork_rng(devices=[]):
-            select_parameters(self.build(), mask.targets, mask.exclude, mask.mask_bias)
-        if self.cfg.from_run:
-            self.source_units()
-        return []
-
-    def pipelines(self) -> list[tuple[int]]:
-        return [(r,) for r in range(self.cfg.replicates)]
-
-    def pipeline_dir(self, unit: tuple) -> str:
-        return f"pipelines/r{unit[0]}"
 
     def metrics(self) -> dict[str, Any]:
         """Accuracy on each subnetwork's held-out split (shape_only, texture_only, natural)."""
@@ -170,13 +155,6 @@ class ModulesShapesRun(Experiment):
             paths.append(unit / f"a{load_config_file(unit / 'attempts.json')['attempt']}")
         return paths
 
-    def base_phase(self, replicate: int, attempt: int) -> dict[str, Any]:
-        """Train (or copy from `from_run`) the base model of this attempt; its record."""
-        where = self.attempt_dir((replicate,), attempt)
-        once(self.run, [f"{where}/base.json", f"{where}/base.safetensors"],
-             lambda: self._base(replicate, attempt, where))
-        return read_json(self.run, f"{where}/base.json", "retrain it")
-
     def _base(self, replicate: int, attempt: int, where: str) -> None:
         path = self.run.path(f"{where}/base.safetensors")
         if self.cfg.from_run:
@@ -199,15 +177,6 @@ class ModulesShapesRun(Experiment):
         write_json(self.run.path(f"{where}/base.json"), info)
         self.log(f"base r{replicate} a{attempt}: natural accuracy "
                  f"{info['natural_accuracy']:.3f}, shape bias {info['shape_bias']}")
-
-    def base_model(self, replicate: int, attempt: int) -> nn.Module:
-        path = self.run.path(f"{self.attempt_dir((replicate,), attempt)}/base.safetensors")
-        model = self.build()
-        try:
-            load_model(path, model)
-        except (FileFormatError, SubnetworkMismatchError) as err:
-            raise unusable(err, path, "retrain (or recopy) it") from None
-        return model.eval()
 
     # -- subnetworks, analyses, gates ---------------------------------------------------------
     def sub_file(self, where: str, name: str) -> str:
@@ -273,26 +242,7 @@ class ModulesShapesRun(Experiment):
                                 "images (discovery_samples) or with another lr")
                            for n in self.cfg.subtasks)]
 
-    def complete(self, unit: tuple, attempt: int) -> dict[str, Any]:
-        """The analyses, and the base subnetwork's pruned model as a sparse file (`bake`)."""
-        record = self.analysis(unit[0], attempt)
-        name = f"{self.attempt_dir(unit, attempt)}/pruned-base.safetensors"
-
-        def bake() -> None:
-            model, subs = self.source(unit[0], attempt)
-            save_sparse(self.run.path(name), pruned(model, subs["base"]))
-
-        once(self.run, [name], bake)
-        return record
-
     # -- cells --------------------------------------------------------------------------------
-    def source(self, replicate: int, attempt: int) -> tuple[nn.Module, dict[str, Subnetwork]]:
-        key = (replicate, attempt)
-        if key not in self._sources:
-            model = self.base_model(replicate, attempt)
-            self._sources[key] = model, self.subnetworks(replicate, attempt, model)
-        return self._sources[key]
-
     def epochs_for(self, n: int) -> int:
         """Induction epochs for n images: at least `union.induction_min_examples` examples."""
         u = self.cfg.union
