@@ -130,7 +130,7 @@ def main() -> None:
 
 
 @main.command()
-@run_options("6 replicate pipelines, about 12 minutes on a 2-core CPU",
+@run_options("9 replicate pipelines, about 14.5 minutes on a 2-core CPU",
              "the paper's settings, GPU-sized")
 @click.option("--base", help="Base task expression, e.g. 'a + a*b'.")
 @click.option("--subtask", help="Subtask expression the subnetwork is found for, e.g. 'a*b'.")
