@@ -256,12 +256,14 @@ def modules(preset, config_file, out, assignments, threads, workers, device, exe
 @user_errors
 def bake(run_dir, replicate, mask, out) -> None:
     """Export a pruned base model of an `instill modules` run as sparse safetensors."""
-    from instill.experiments import modules, modules_shapes
+    from instill.experiments.modules import ModulesRun, load_config
     from instill.experiments.modules_common import recorded_config
+    from instill.experiments.modules_config import ShapesModulesConfig
+    from instill.experiments.modules_shapes import ModulesShapesRun
 
-    task = recorded_config(run_dir, "instill modules").get("task")
-    bake_pruned = (modules_shapes if task == "shapes" else modules).bake_pruned
-    sizes = bake_pruned(run_dir, replicate, mask, out)
+    cfg = load_config(None, recorded_config(run_dir, "instill modules"))
+    run_class = ModulesShapesRun if isinstance(cfg, ShapesModulesConfig) else ModulesRun
+    sizes = run_class(cfg, run_dir, lambda _: None).bake(replicate, mask, out)
     click.echo(f"wrote {out}: density {sizes['density']:.4f}, dense {sizes['dense_bytes']} "
                f"bytes, sparse {sizes['sparse_bytes']} bytes")
 

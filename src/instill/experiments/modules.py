@@ -28,12 +28,9 @@ from instill.experiments.executors import Executor, LocalExecutor
 from instill.experiments.framework import Cell, once, read_json, unusable
 from instill.experiments.modules_common import (
     ModulesExperiment,
-    bake_mask,
-    chosen_attempt,
     compression_points,
     compression_rows,
     modularity,
-    recorded_config,
     union_model,
 )
 from instill.experiments.modules_config import (
@@ -281,16 +278,6 @@ class ModulesRun(ModulesExperiment):
                             self.warnings)
 
 
-def bake_pruned(run_dir: str | Path, replicate: int, mask: str, out: str | Path) -> dict:
-    """Export a modules run's base model of one replicate, pruned to `mask` (`base`, a subtask
-    expression, or `magnitude:F` for a global magnitude mask keeping the fraction F), as a
-    sparse safetensors file; returns its dense and sparse sizes."""
-    root = Path(run_dir)
-    cfg = load_config(None, recorded_config(root, "instill modules"))
-    run = ModulesRun(cfg, root, lambda _: None)
-    model, subs = run.source(replicate, chosen_attempt(root, replicate, cfg.replicates))
-    return bake_mask(model, subs, mask, cfg.discovery, out)
-
 
 def run_modules(cfg: ModulesConfig, out: str | Path, log=print, threads: int = 1,
                 workers: int = 1, device: str = "cpu",
@@ -302,4 +289,4 @@ def run_modules(cfg: ModulesConfig, out: str | Path, log=print, threads: int = 1
 
 
 __all__ = ["PRESETS", "CompressionConfig", "ModulesConfig", "ModulesGates", "ModulesRun",
-           "UnionConfig", "bake_pruned", "load_config", "pruned", "run_modules", "union_model"]
+           "UnionConfig", "load_config", "pruned", "run_modules", "union_model"]

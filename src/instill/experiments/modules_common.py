@@ -95,6 +95,14 @@ class ModulesExperiment(Experiment):
             self._sources[key] = model, self.subnetworks(replicate, attempt, model)
         return self._sources[key]
 
+    def bake(self, replicate: int, mask: str, out: str | Path) -> dict[str, Any]:
+        """Export this finished run's base model of one replicate, pruned to `mask` (`base`, a
+        subtask's name, or `magnitude:F` for a global magnitude mask keeping the fraction F),
+        as a sparse safetensors file; its dense and sparse sizes."""
+        attempt = chosen_attempt(self.run.root, replicate, self.cfg.replicates)
+        model, subs = self.source(replicate, attempt)
+        return bake_mask(model, subs, mask, self.cfg.discovery, out)
+
 
 def union_model(trained: nn.Module, first: Subnetwork, second: Subnetwork,
                 seed: int) -> nn.Module:

@@ -30,12 +30,9 @@ from instill.experiments.executors import Executor, LocalExecutor
 from instill.experiments.framework import Cell, once, read_json, unusable
 from instill.experiments.modules_common import (
     ModulesExperiment,
-    bake_mask,
-    chosen_attempt,
     compression_points,
     compression_rows,
     modularity,
-    recorded_config,
     union_model,
 )
 from instill.experiments.modules_config import (
@@ -43,7 +40,6 @@ from instill.experiments.modules_config import (
     SHAPES_SUBTASKS,
     SHAPES_UNION_CONDITIONS,
     ShapesModulesConfig,
-    load_config,
 )
 from instill.experiments.modules_shapes_report import write_report
 from instill.experiments.pipeline import Gate, failed
@@ -325,15 +321,6 @@ def _tensors(data: ImageSet) -> list[Tensor]:
     return [data.images, data.labels]
 
 
-def bake_pruned(run_dir: str | Path, replicate: int, mask: str, out: str | Path) -> dict:
-    """Export a vision modules run's base model of one replicate, pruned to `mask` (`base`,
-    `shape`, `texture` or `magnitude:F`), as a sparse safetensors file; its sizes."""
-    root = Path(run_dir)
-    cfg = load_config(None, recorded_config(root, "instill modules --task shapes"))
-    run = ModulesShapesRun(cfg, root, lambda _: None)
-    model, subs = run.source(replicate, chosen_attempt(root, replicate, cfg.replicates))
-    return bake_mask(model, subs, mask, cfg.discovery, out)
-
 
 def run_modules_shapes(cfg: ShapesModulesConfig, out: str | Path, log=print, threads: int = 1,
                        workers: int = 1, device: str = "cpu",
@@ -344,5 +331,5 @@ def run_modules_shapes(cfg: ShapesModulesConfig, out: str | Path, log=print, thr
                             executor=executor or LocalExecutor(workers)).execute()
 
 
-__all__ = ["SPLITS", "ModulesShapesRun", "ShapesData", "bake_pruned", "make_data",
+__all__ = ["SPLITS", "ModulesShapesRun", "ShapesData", "make_data",
            "run_modules_shapes"]
