@@ -562,6 +562,20 @@ def test_rundir_different_config_is_refused(tmp_path):
         run.check_compatible(changed, version_key_fields=["discovery"])
 
 
+def test_rundir_new_key_at_its_default_resumes_an_older_run(tmp_path):
+    """A run recorded before a config key existed resumes when the key holds its default
+    (the older run behaved as the default does), and is refused at any other value."""
+    run = RunDir(tmp_path)
+    run.write_config(CONFIG, seed=0)
+    defaults = {**CONFIG, "densities": [None], "discovery": {"lr": 1.0, "target": None}}
+    newer = {**CONFIG, "densities": [None], "discovery": {**CONFIG["discovery"], "target": None}}
+    assert run.check_compatible(newer, defaults=defaults) == ["densities", "discovery.target"]
+    with pytest.raises(ConfigError, match=r"densities was '<unset>', now \[None, 0.05\]"):
+        run.check_compatible({**newer, "densities": [None, 0.05]}, defaults=defaults)
+    with pytest.raises(ConfigError, match=r"extra was '<unset>'"):  # no default: not compatible
+        run.check_compatible({**newer, "extra": 1}, defaults=defaults)
+
+
 def test_rundir_format_version_mismatch(tmp_path):
     run = RunDir(tmp_path)
     write_json(run.path("config.json"), {"format_version": 0, "config": CONFIG})

@@ -149,7 +149,8 @@ class Experiment:
         self.warnings = self.prepare()
         for warning in self.warnings:
             self.log(f"warning: {warning}")
-        self.run.begin(to_dict(self.cfg), self.cfg.seed, self.log, mutable=["gates"])
+        self.run.begin(to_dict(self.cfg), self.cfg.seed, self.log, mutable=["gates"],
+                       defaults=to_dict(self.config_class()))
         units = self.pipelines()
         work = [(u, self._files_under(self.pipeline_dir(u))) for u in units]
         chosen = dict(zip(units, self._map("pipeline", work, "pipelines"), strict=True))

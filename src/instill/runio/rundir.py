@@ -82,13 +82,15 @@ class RunDir:
 
     def check_compatible(
         self, config: Mapping[str, Any], version_key_fields: Sequence[str] | None = None,
-        mutable: Sequence[str] = (),
+        mutable: Sequence[str] = (), defaults: Mapping[str, Any] | None = None,
     ) -> list[str]:
         """Refuse to reuse a directory written by another config or run format version.
 
         `version_key_fields` lists the dotted config keys that must match (None: all keys);
-        keys under `mutable` may change (they decide nothing already computed). Returns the
-        mutable keys that changed.
+        keys under `mutable` may change (they decide nothing already computed). A key the
+        recorded config lacks is compatible when its value equals its entry in `defaults` (a
+        run from an older instill, which behaved as the default does). Returns the keys that
+        changed or were added.
         """
         recorded = self._recorded()
         if recorded is None:
@@ -102,10 +104,14 @@ class RunDir:
             )
         old = _flatten(recorded.get("config") or {})
         new = _flatten(json.loads(json.dumps(jsonable(config))))
+        default = _flatten(json.loads(json.dumps(jsonable(defaults or {}))))
         changed = [key for key in sorted(set(old) | set(new))
                    if _selected(key, version_key_fields) and old.get(key, ...) != new.get(key, ...)]
+        added = [key for key in changed
+                 if key not in old and key in default and new.get(key, ...) == default[key]]
         diffs = [f"{key} was {old.get(key, '<unset>')!r}, now {new.get(key, '<unset>')!r}"
-                 for key in changed if not (mutable and _selected(key, mutable))]
+                 for key in changed
+                 if key not in added and not (mutable and _selected(key, mutable))]
         if diffs:
             shown = "; ".join(diffs[:10]) + ("; ..." if len(diffs) > 10 else "")
             raise ConfigError(
@@ -123,11 +129,13 @@ class RunDir:
         return stale
 
     def begin(self, config: Mapping[str, Any], seed: int | None,
-              log: Callable[[str], Any] = print, mutable: Sequence[str] = ()) -> None:
+              log: Callable[[str], Any] = print, mutable: Sequence[str] = (),
+              defaults: Mapping[str, Any] | None = None) -> None:
         """Start or resume a run here: refuse another config's directory (except for changes
-        under `mutable`, which are recorded), delete what a killed run left half-written, and
-        record config.json on a fresh start."""
-        changed = self.check_compatible(config, mutable=mutable)
+        under `mutable`, and keys new since it was written that hold their `defaults`, which
+        are recorded), delete what a killed run left half-written, and record config.json on a
+        fresh start."""
+        changed = self.check_compatible(config, mutable=mutable, defaults=defaults)
         for path in self.remove_stale_temporaries():
             log(f"removed {path}, left by an interrupted run")
         if changed:
