@@ -96,14 +96,14 @@ def test_resume_removes_temporaries_a_killed_run_left(tiny_run):
     run_arithmetic(cfg, out, log=logged.append)
     assert not any(path.exists() for path in stale)
     assert sum("left by an interrupted run" in line for line in logged) == 2
-    assert sorted(p.name for p in (out / "cells").iterdir()) == [
-        f"L1-r{r}-a0-n{n}-s0.json" for r in (0, 1) for n in (0, 8)]
+    assert sorted(p.name for p in (out / "cells").iterdir()) == sorted(
+        f"L1-r{r}-a0-n{n}-s0-{c}.json" for r in (0, 1) for n in (0, 8) for c in cfg.conditions)
 
 
 def test_missing_cell_is_recomputed_and_others_are_not(tiny_run, monkeypatch):
     cfg, out, _ = tiny_run
     before = (out / "results.csv").read_text()
-    (out / "cells/L1-r1-a0-n8-s0.json").unlink()
+    (out / "cells/L1-r1-a0-n8-s0-sampled.json").unlink()
     calls = []
     real_fit = arith.fit
 
@@ -113,7 +113,7 @@ def test_missing_cell_is_recomputed_and_others_are_not(tiny_run, monkeypatch):
 
     monkeypatch.setattr(arith, "fit", counting_fit)
     run_arithmetic(cfg, out, log=lambda _: None)
-    assert sorted(calls) == sorted(f"{c} L1 r1 n=8 s0" for c in cfg.conditions)
+    assert calls == ["sampled L1 r1 n=8 s0"]
     assert (out / "results.csv").read_text() == before  # same seed -> same numbers
 
 
@@ -207,3 +207,41 @@ def test_largest_cells_go_first_and_results_keep_job_order():
 
     assert largest_first([(0, 25), (0, 1600), (1, 25), (1, 400)], lambda j: j[1]) == [1, 3, 0, 2]
     assert LocalExecutor(2).map(abs, [-1, 5, -3, 2], "jobs", cost=abs) == [1, 5, 3, 2]
+
+
+DENSE = {**TINY, "replicates": 2, "densities": [None, 0.2],
+         "gates": {**OPEN_GATES, "ablation_margin_by_density": [[0.5, -1.0]]},
+         "conditions": ["subnet", "sampled", "sampled-inverse", "random"], "grid": [0, 8]}
+
+
+def test_density_axis_runs_mask_conditions_once_per_density(tmp_path):
+    """A target density gets its own subnetwork (of exactly that size), verification and gates,
+    and every mask condition runs at it against the same base model; the report gains the
+    specificity curve."""
+    cfg = load_config("quick", DENSE)
+    summary = run_arithmetic(cfg, tmp_path, log=lambda _: None)
+    where = tmp_path / "pipelines/L1-r0/a0"
+    assert (where / "subnetwork-d0.2.safetensors").is_file()
+    from instill.core import Subnetwork
+
+    sparse = Subnetwork.load(where / "subnetwork-d0.2.safetensors")
+    assert abs(sparse.density() - 0.2) < 1e-3
+    gates = json.loads((tmp_path / "pipelines/L1-r0/attempts.json").read_text())
+    assert [g["name"] for g in gates["attempts"][0]["gates"]] == [
+        "base accuracy", "subnetwork alone on subtask", "ablation specificity",
+        "subnetwork alone on subtask at 0.2", "ablation specificity at 0.2"]
+    rows = list(csv.DictReader((tmp_path / "results.csv").open()))
+    assert sorted({r["condition"] for r in rows}) == [
+        "random", "sampled", "sampled-inverse", "sampled-inverse@0.2", "sampled@0.2", "subnet",
+        "subnet@0.2"]
+    assert len(rows) == 2 * 2 * 7  # replicates x grid x (3 mask conditions x 2 densities + 1)
+    curve = {r["target"]: r for r in summary["specificity"]}
+    assert set(curve) == {None, 0.2}
+    assert abs(curve[0.2]["density"]["mean"] - 0.2) < 1e-3
+    assert {"sampled", "sampled-inverse"} <= set(curve[0.2]) and "complement" not in curve[0.2]
+    assert set(summary["subnet_vs"]) == {"sampled", "sampled-inverse", "random",
+                                         "subnet@0.2 - sampled@0.2",
+                                         "subnet@0.2 - sampled-inverse@0.2", "subnet@0.2 - random"}
+    assert "at density 0.20 (target)" in summary["headline"]
+    report = (tmp_path / "report.md").read_text()
+    assert "## Specificity over density" in report and (tmp_path / "specificity.png").is_file()

@@ -245,8 +245,8 @@ DAMAGE = [
     pytest.param(SUB, lambda p: p.write_bytes(os.urandom(4000)), [],
                  [f"{SUB} is not a valid safetensors file",
                   "rerun the same command to rediscover it"], id="subnetwork-garbage"),
-    pytest.param("cells/L1-r0-a0-n8-s0.json", lambda p: p.write_text('{"rows": ['), [],
-                 ["cells/L1-r0-a0-n8-s0.json is not a finished cell",
+    pytest.param("cells/L1-r0-a0-n8-s0-subnet.json", lambda p: p.write_text('{"rows": ['), [],
+                 ["cells/L1-r0-a0-n8-s0-subnet.json is not a finished cell",
                   "rerun the same command to recompute it"], id="cell-corrupt"),
     pytest.param("config.json", lambda p: None, ["--modulus", "5"],
                  ["holds results from a different config (modulus was 7, now 5)",
@@ -302,7 +302,7 @@ def test_diverging_base_fit_stops_with_the_step_and_a_hint(tmp_path):
 
 def test_nan_in_a_resumed_cell_keeps_every_earlier_output(run_copy, monkeypatch):
     run, config = run_copy
-    (run / "cells/L1-r0-a0-n8-s0.json").unlink()
+    (run / "cells/L1-r0-a0-n8-s0-subnet.json").unlink()
     before = _state(run)
     real = arith.SequenceTask.loss
     monkeypatch.setattr(arith.SequenceTask, "loss",
@@ -315,7 +315,7 @@ def test_nan_in_a_resumed_cell_keeps_every_earlier_output(run_copy, monkeypatch)
 
 def test_full_disk_is_a_clear_error_and_keeps_the_previous_files(run_copy, monkeypatch):
     run, config = run_copy
-    (run / "cells/L1-r0-a0-n8-s0.json").unlink()  # so the rerun has a cell to write
+    (run / "cells/L1-r0-a0-n8-s0-subnet.json").unlink()  # so the rerun has a cell to write
     before = _state(run)
     real_replace = os.replace
 

@@ -88,7 +88,8 @@ def test_a_failed_attempt_is_retried_and_the_retry_resumes_without_retraining(tm
     before = (tmp_path / "results.csv").read_text()
 
     (tmp_path / "pipelines/L1-r0/attempts.json").unlink()  # killed between attempts
-    (tmp_path / "cells/L1-r0-a1-n8-s0.json").unlink()
+    for c in cfg.conditions:
+        (tmp_path / f"cells/L1-r0-a1-n8-s0-{c}.json").unlink()
     calls = _count_fits(monkeypatch)
     run_arithmetic(cfg, tmp_path, **QUIET)
     assert sorted(calls) == sorted(f"{c} L1 r0 n=8 s0" for c in cfg.conditions)

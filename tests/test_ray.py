@@ -28,10 +28,10 @@ def test_a_run_on_ray_gives_the_local_results_and_resumes(local_ray, tmp_path):
                             executor=local_ray).execute()
     local = (tmp_path / "local" / "results.csv").read_text()
     assert (tmp_path / "ray" / "results.csv").read_text() == local
-    for cell in ("L1-r0-a0-n0-s0", "L1-r1-a0-n8-s0"):
+    for cell in ("L1-r0-a0-n0-s0-subnet", "L1-r1-a0-n8-s0-random"):
         name = f"cells/{cell}.json"
         assert (tmp_path / "ray" / name).read_bytes() == (tmp_path / "local" / name).read_bytes()
-    (tmp_path / "ray" / "cells" / "L1-r1-a0-n8-s0.json").unlink()  # as if lost with a worker
+    (tmp_path / "ray" / "cells" / "L1-r1-a0-n8-s0-random.json").unlink()  # lost with a worker
     again = ArithmeticRun(cfg, tmp_path / "ray", log=lambda _: None, executor=local_ray).execute()
     assert again["headline"] == summary["headline"]
     assert (tmp_path / "ray" / "results.csv").read_text() == local

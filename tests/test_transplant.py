@@ -155,3 +155,4 @@ def test_a_model_with_masks_attached_is_a_clear_user_error():
     with pytest.raises(InstillError, match="mode must be 'keep' or 'ablate'"), \
             instill.apply_subnetwork(model, sub, "drop"):
         pass
+

@@ -86,7 +86,7 @@ def batches(n: int, batch_size: int, generator: torch.Generator) -> Iterator[Ten
 
 def run_epoch(model: nn.Module, data: Sequence[Tensor], loss_fn: LossFn,
               optimizer: torch.optim.Optimizer, batch_size: int, generator: torch.Generator,
-              epoch: int) -> float:
+              epoch: int, after_step: Callable[[], None] | None = None) -> float:
     """One pass over `data` in training mode; returns the mean loss. Stops on a NaN loss."""
     model.train()
     total, n = 0.0, len(data[0])
@@ -100,6 +100,8 @@ def run_epoch(model: nn.Module, data: Sequence[Tensor], loss_fn: LossFn,
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        if after_step is not None:
+            after_step()
         total += loss.item() * len(idx)
     model.eval()
     return total / n
@@ -161,43 +163,95 @@ class DiscoveryConfig:
     final_temperature: float = 100.0
     mask: MaskConfig = field(default_factory=MaskConfig)
     fused: bool = False  # fused AdamW kernel for the mask logits (see FitConfig.fused)
+    # Keep this fraction of the targeted weights: after every step the logits move by one
+    # constant so that the fraction is exactly what is kept (continuous sparsification's hard
+    # mask is logits > 0), so discovery learns a subnetwork of that size. None: wherever the
+    # L0 penalty and the schedule land.
+    target_density: float | None = None
+    # Return the epoch whose hard mask scores best on the evaluation data (the reference
+    # implementation does), not the last one; needs `evaluate`.
+    keep_best: bool = False
+    # The kept fraction falls from 0.5 to target_density over this fraction of the steps
+    # (cubic, as in gradual magnitude pruning), then stays there.
+    target_warmup: float = 0.5
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1:
             raise ConfigError("discovery epochs and batch_size must be >= 1")
         if not self.final_temperature >= 1:
             raise ConfigError(f"final_temperature must be >= 1, got {self.final_temperature}")
+        if self.target_density is not None:
+            if not 0 < self.target_density < 1:
+                raise ConfigError(f"target_density must be in (0, 1) or null, got "
+                                  f"{self.target_density}")
+            if (self.mask.method, self.mask.granularity) != ("continuous_sparsification",
+                                                             "weight"):
+                raise ConfigError("target_density needs mask method continuous_sparsification "
+                                  "at weight granularity (top_k keeps a fraction itself: set "
+                                  "mask.keep)")
+
+
+def kept_fraction(target: float, progress: float, warmup: float) -> float:
+    """The kept fraction at `progress` (0 to 1) of discovery: from 0.5 down to `target` along
+    a cubic over the first `warmup` of it (Zhu and Gupta 2017's gradual pruning schedule)."""
+    start = max(target, 0.5)
+    left = 1 - min(1.0, progress / warmup) if warmup > 0 else 0.0
+    return target + (start - target) * left ** 3
 
 
 def discover(model: nn.Module, data: Sequence[Tensor], loss_fn: LossFn, cfg: DiscoveryConfig,
-             *, seed: int = 0, desc: str = "discover") -> tuple[Subnetwork, list[dict]]:
+             *, evaluate: EvalFn | None = None, seed: int = 0,
+             desc: str = "discover") -> tuple[Subnetwork, list[dict]]:
     """Train masks on `data` (the subtask) over a frozen `model`; return the hard subnetwork.
 
     The temperature starts at 1 and is multiplied each epoch by `final_temperature ** (1 /
-    epochs)`, reaching `final_temperature` at the end. The model is returned untouched.
+    epochs)`, reaching `final_temperature` at the end. `evaluate` scores the hard mask after
+    every epoch (recorded; with `keep_best` the best epoch is returned). The model is returned
+    untouched.
     """
+    if cfg.keep_best and evaluate is None:
+        raise ConfigError("discovery.keep_best needs evaluation data to pick the best epoch")
     masked = attach_masks(model, cfg.mask)
     growth = cfg.final_temperature ** (1 / cfg.epochs)
     fit_cfg = FitConfig(epochs=1, batch_size=cfg.batch_size, lr=cfg.lr,
                         weight_decay=cfg.mask.weight_decay, fused=cfg.fused)
     optimizer = make_optimizer(masked.mask_parameters(), fit_cfg)
     generator = torch.Generator().manual_seed(seed)
-    history = []
+    history: list[dict] = []
+    best: tuple[float, int, dict[str, Tensor]] | None = None
 
     def penalized(model: nn.Module, batch: Sequence[Tensor]) -> Tensor:
         return loss_fn(model, batch) + masked.l0_penalty()
+
+    steps = cfg.epochs * math.ceil(len(data[0]) / cfg.batch_size)
+    done = 0
+
+    def after_step() -> None:
+        nonlocal done
+        done += 1
+        if cfg.target_density is not None:
+            masked.keep_fraction(kept_fraction(cfg.target_density, done / steps,
+                                               cfg.target_warmup))
 
     try:
         for epoch in tqdm(range(cfg.epochs), desc=desc, leave=False, disable=None):
             try:
                 loss = run_epoch(masked, data, penalized, optimizer, cfg.batch_size, generator,
-                                 epoch)
+                                 epoch, after_step=after_step)
             except TrainingError as err:
                 raise TrainingError(f"{desc}: {err}") from None
             masked.temperature *= growth
-            history.append({"epoch": epoch, "loss": loss,
-                            "density": masked.subnetwork().density(),
-                            "temperature": masked.temperature})
-        return masked.subnetwork({"temperature": str(masked.temperature)}), history
+            row = {"epoch": epoch, "loss": loss, "density": masked.subnetwork().density(),
+                   "temperature": masked.temperature}
+            if evaluate is not None:
+                row["val"] = score = evaluate(masked)
+                if best is None or score > best[0]:
+                    best = (score, epoch, masked.mask_state())
+            history.append(row)
+        meta = {"temperature": str(masked.temperature)}
+        if cfg.keep_best and best is not None:
+            masked.load_mask_state(best[2])
+            meta["best_epoch"] = str(best[1])
+        return masked.subnetwork(meta), history
     finally:
         masked.detach_masks()

@@ -84,6 +84,33 @@ class MaskedModel(nn.Module):
         params = [p for mask in self.masks.values() for p in mask.parameters()]
         return [{"params": params, "weight_decay": self.cfg.weight_decay}]
 
+    def keep_fraction(self, fraction: float) -> None:
+        """Shift every logit by one constant so that `fraction` of the targeted entries have
+        logits > 0, i.e. are kept (continuous sparsification at weight granularity)."""
+        logits = [mask.logits for mask in self.masks.values()]
+        flat = torch.cat([t.detach().flatten() for t in logits])
+        drop = flat.numel() - round(fraction * flat.numel())
+        if not 0 < drop < flat.numel():
+            raise ModelStateError(f"keep fraction {fraction} keeps none or all of the "
+                                  f"{flat.numel()} targeted entries")
+        below = flat.kthvalue(drop).values  # the largest dropped logit
+        above = flat.kthvalue(drop + 1).values  # the smallest kept one
+        with torch.no_grad():
+            for t in logits:
+                t.sub_((below + above) / 2)
+
+    def mask_state(self) -> dict[str, Tensor]:
+        """A copy of every mask's trainable tensors (to restore an earlier epoch)."""
+        return {f"{name}.{key}": value.detach().clone() for name, mask in self.masks.items()
+                for key, value in mask.named_parameters()}
+
+    def load_mask_state(self, state: dict[str, Tensor]) -> None:
+        """Restore what `mask_state` copied."""
+        with torch.no_grad():
+            for name, mask in self.masks.items():
+                for key, value in mask.named_parameters():
+                    value.copy_(state[f"{name}.{key}"])
+
     def subnetwork(self, metadata: dict[str, str] | None = None) -> Subnetwork:
         """The hard masks, expanded to each parameter's shape, as a Subnetwork."""
         masks = {}

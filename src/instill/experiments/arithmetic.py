@@ -27,6 +27,9 @@ from instill.experiments.arithmetic_config import (
 )
 from instill.experiments.arithmetic_report import write_report
 from instill.experiments.common import (
+    CONDITIONS,
+    at_density,
+    density_tag,
     starting_model,
     verify_subnetwork,
 )
@@ -47,7 +50,7 @@ from instill.tasks.arithmetic import (
 )
 from instill.tasks.expr import Expression, parse
 from instill.tasks.sequences import SequenceTask
-from instill.training import discover, fit
+from instill.training import DiscoveryConfig, discover, fit
 
 
 # -- phases -----------------------------------------------------------------------------------
@@ -69,7 +72,7 @@ class ArithmeticRun(Experiment):
         self.exprs: dict[str, Expression] = {
             "base": parse(cfg.base), "subtask": parse(cfg.subtask), "target": parse(cfg.target)}
         self.alternatives = [parse(a) for a in cfg.alternatives]
-        self._sources: dict[tuple[int, int, int], tuple[nn.Module, Subnetwork]] = {}
+        self._sources: dict[tuple, tuple[nn.Module, Subnetwork]] = {}
 
     def build(self, layers: int) -> nn.Module:
         return build_model("gpt2", vocab_size=self.spec.vocab_size, n_positions=4,
@@ -134,11 +137,14 @@ class ArithmeticRun(Experiment):
             raise unusable(err, path, "retrain it") from None
         return model.eval()
 
-    def subnetwork(self, layers: int, replicate: int, attempt: int,
-                   model: nn.Module) -> Subnetwork:
-        """Phase 2: discover (or load) the subnetwork for the subtask."""
-        name = f"{self.attempt_dir((layers, replicate), attempt)}/subnetwork.safetensors"
-        once(self.run, [name], lambda: self._discover(layers, replicate, attempt, model, name))
+    def subnetwork(self, layers: int, replicate: int, attempt: int, model: nn.Module,
+                   target: float | None = None) -> Subnetwork:
+        """Phase 2: discover (or load) the subnetwork for the subtask, at the `target` density
+        (None: wherever discovery lands)."""
+        name = f"{self.attempt_dir((layers, replicate), attempt)}/subnetwork{density_tag(target)}" \
+            ".safetensors"
+        once(self.run, [name],
+             lambda: self._discover(layers, replicate, attempt, model, name, target))
         path = self.run.path(name)
         try:  # read back even when just written: a resumed run sees the same mask order
             sub = Subnetwork.load(path)
@@ -148,22 +154,32 @@ class ArithmeticRun(Experiment):
         return sub
 
     def _discover(self, layers: int, replicate: int, attempt: int, model: nn.Module,
-                  name: str) -> None:
-        seed = self.seed("discovery", layers, replicate, attempt)
+                  name: str, target: float | None) -> None:
+        tag = () if target is None else (density_tag(target),)
+        seed = self.seed("discovery", layers, replicate, attempt, *tag)
         torch.manual_seed(seed)  # anything drawn from the global generator is seeded too
         data = self.sequences("subtask", self.cfg.subtask_samples, seed)
-        sub, history = discover(model, [data], self.task.loss, self.cfg.discovery, seed=seed,
-                                desc=f"discover L{layers} r{replicate}")
+        cfg = self.cfg.discovery
+        if target is not None:
+            cfg = DiscoveryConfig(**{**vars(cfg), "target_density": target})
+        evaluate = None
+        if cfg.keep_best:  # held-out subtask pairs pick the epoch, as the reference does
+            held_out = self.sequences("subtask", 2000, self.seed("discovery-val", layers,
+                                                                 replicate, attempt, *tag))
+            evaluate = lambda m: self.task.accuracy(m, held_out)  # noqa: E731
+        sub, history = discover(model, [data], self.task.loss, cfg, evaluate=evaluate,
+                                seed=seed, desc=f"discover L{layers} r{replicate}{''.join(tag)}")
         path = self.run.path(name)
         write_json(path.with_suffix(".json"), {"history": history})
         Subnetwork(sub.masks, sub.fingerprint,
-                   {**sub.metadata, "subtask": self.cfg.subtask, "layers": str(layers)}
+                   {**sub.metadata, "subtask": self.cfg.subtask, "layers": str(layers),
+                    **({"target_density": str(target)} if target is not None else {})}
                    ).save(path)
 
     def verify(self, layers: int, replicate: int, attempt: int, model: nn.Module,
-               sub: Subnetwork) -> dict[str, Any]:
+               sub: Subnetwork, target: float | None = None) -> dict[str, Any]:
         """Phase 3: the subnetwork alone, ablated, and a same-size random ablation."""
-        name = f"{self.attempt_dir((layers, replicate), attempt)}/verify.json"
+        name = f"{self.attempt_dir((layers, replicate), attempt)}/verify{density_tag(target)}.json"
 
         def compute() -> None:
             seed = self.seed("verify", layers, replicate, attempt)
@@ -184,30 +200,34 @@ class ArithmeticRun(Experiment):
                        "(base_fit.epochs), with more data (base_samples) or another lr")]
         if failed(checks):
             return checks
-        acc = self.complete(unit, attempt)["accuracy"]
-        alone = acc["subnetwork only"]["subtask"]
-        margin = acc["random same-size ablated"]["base"] - acc["subnetwork ablated"]["base"]
         fix = ("discovery did not find a subnetwork for the subtask: train the masks longer "
                "(discovery.epochs) or with another lr or l0_lambda")
-        return [*checks,
-                Gate("subnetwork alone on subtask", alone, gates.subnetwork_accuracy, fix),
-                Gate("ablation specificity", margin, gates.ablation_margin, fix)]
+        for target, record in self.complete(unit, attempt).items():
+            acc, where = record["accuracy"], "" if target is None else f" at {target:g}"
+            hint = fix if target is None else fix + f", or a target density above {target:g}"
+            margin = acc["random same-size ablated"]["base"] - acc["subnetwork ablated"]["base"]
+            checks += [Gate(f"subnetwork alone on subtask{where}", acc["subnetwork only"]
+                            ["subtask"], gates.subnetwork_accuracy, hint),
+                       Gate(f"ablation specificity{where}", margin,
+                            gates.ablation_threshold(target), hint)]
+        return checks
 
-    def complete(self, unit: tuple, attempt: int) -> dict[str, Any]:
-        """The subnetwork and verification of an attempt (the cells need them even when gates
-        are overridden after a failed base model); the verification record."""
+    def complete(self, unit: tuple, attempt: int) -> dict[float | None, dict[str, Any]]:
+        """The subnetworks and verifications of an attempt at every density (the cells need
+        them even when gates are overridden after a failed base model)."""
         model = self.base_model(*unit, attempt)
-        return self.verify(*unit, attempt, model, self.subnetwork(*unit, attempt, model))
+        return {t: self.verify(*unit, attempt, model, self.subnetwork(*unit, attempt, model, t),
+                               t) for t in self.cfg.densities}
 
     # -- induction ------------------------------------------------------------------------------
-    def transfer_source(self, layers: int, replicate: int, attempt: int
-                        ) -> tuple[nn.Module, Subnetwork]:
-        """The chosen attempt's base model and subnetwork, read once per process (cells never
-        change them: every condition copies what it keeps)."""
-        key = (layers, replicate, attempt)
+    def transfer_source(self, layers: int, replicate: int, attempt: int,
+                        target: float | None) -> tuple[nn.Module, Subnetwork]:
+        """The chosen attempt's base model and its subnetwork at `target`, read once per process
+        (cells never change them: every condition copies what it keeps)."""
+        key = (layers, replicate, attempt, target)
         if key not in self._sources:
             model = self.base_model(layers, replicate, attempt)
-            self._sources[key] = model, self.subnetwork(layers, replicate, attempt, model)
+            self._sources[key] = model, self.subnetwork(layers, replicate, attempt, model, target)
         return self._sources[key]
 
     def splits(self, replicate: int, seed: int) -> TargetSplits:
@@ -216,45 +236,58 @@ class ArithmeticRun(Experiment):
                                   seed=self.seed("target", replicate, seed))
 
     def cells(self, chosen: dict[tuple, dict[str, Any]]) -> list[Cell]:
-        """Every (pipeline, seed, n): its conditions trained on the same target data."""
+        """Every (pipeline, seed, n, condition), a condition that uses the subnetwork once per
+        density: one model trained on the target data (conditions of a (pipeline, seed, n)
+        share that data)."""
         out = []
         for (d, r), record in chosen.items():
             where, i = self.attempt_dir((d, r), record["attempt"]), record["attempt"]
-            out += [Cell(f"L{d}-r{r}-a{i}-n{n}-s{s}", (d, r, i, n, s),
-                         (f"{where}/base.safetensors", f"{where}/subnetwork.safetensors"), n)
-                    for s in range(self.cfg.seeds) for n in self.cfg.grid]
+            for s in range(self.cfg.seeds):
+                for n in self.cfg.grid:
+                    for condition in self.cfg.conditions:
+                        targets = self.cfg.densities if CONDITIONS[condition].uses_mask \
+                            else self.cfg.densities[:1]
+                        for t in targets:
+                            name = at_density(condition, t) if CONDITIONS[condition].uses_mask \
+                                else condition
+                            out.append(Cell(
+                                f"L{d}-r{r}-a{i}-n{n}-s{s}-{name}", (d, r, i, n, s, condition, t),
+                                (f"{where}/base.safetensors",
+                                 f"{where}/subnetwork{density_tag(t)}.safetensors"),
+                                self.cfg.numbers + n))
         return out
 
-    def cell(self, layers: int, replicate: int, attempt: int, n: int, seed: int
-             ) -> dict[str, Any]:
-        """Phase 4 unit of work: every condition trained on the same target data; its rows."""
-        trained, sub = self.transfer_source(layers, replicate, attempt)
+    def cell(self, layers: int, replicate: int, attempt: int, n: int, seed: int,
+             condition: str, target: float | None) -> dict[str, Any]:
+        """Phase 4 unit of work: one condition trained on the target data of (pipeline, n,
+        seed); its row. Seeds depend on (pipeline, n, seed) only, so every condition of that
+        data starts from the same fresh weights and draws the same dropout."""
+        trained, sub = self.transfer_source(layers, replicate, attempt, target)
         splits = self.splits(replicate, seed)
         train, val, test = (s.to(self.device) for s in (
             splits.train_sequences(n), splits.val_sequences(), splits.test_sequences()))
         run_seed = self.seed("cell", layers, replicate, n, seed)
-        rows = []
-        for condition in self.cfg.conditions:
-            torch.manual_seed(run_seed)  # dropout: the same draws in a fresh or resumed run
-            model = starting_model(condition, trained, sub, run_seed, freeze=self.cfg.freeze)
-            result = fit(model, [train], self.task.loss, self.cfg.induction_fit, seed=run_seed,
-                         evaluate=lambda m, v=val: self.task.accuracy(m, v),
-                         desc=f"{condition} L{layers} r{replicate} n={n} s{seed}")
-            pred = self.task.predict(model, test)
-            row = {"layers": layers, "replicate": replicate, "n": n, "seed": seed,
-                   "condition": condition,
-                   "test_accuracy": _acc(pred, test, self.exprs["target"], self.spec),
-                   "val_accuracy": result.best_score, "best_epoch": result.best_epoch}
-            for alt in self.alternatives:
-                row[f"accuracy[{alt}]"] = _acc(pred, test, alt, self.spec)
-            rows.append(row)
-        return {"rows": rows}
+        name = at_density(condition, target) if CONDITIONS[condition].uses_mask else condition
+        torch.manual_seed(run_seed)  # dropout: the same draws in a fresh or resumed run
+        model = starting_model(condition, trained, sub, run_seed, freeze=self.cfg.freeze)
+        result = fit(model, [train], self.task.loss, self.cfg.induction_fit, seed=run_seed,
+                     evaluate=lambda m: self.task.accuracy(m, val),
+                     desc=f"{name} L{layers} r{replicate} n={n} s{seed}")
+        pred = self.task.predict(model, test)
+        row = {"layers": layers, "replicate": replicate, "n": n, "seed": seed,
+               "condition": name,
+               "test_accuracy": _acc(pred, test, self.exprs["target"], self.spec),
+               "val_accuracy": result.best_score, "best_epoch": result.best_epoch}
+        for alt in self.alternatives:
+            row[f"accuracy[{alt}]"] = _acc(pred, test, alt, self.spec)
+        return {"rows": [row]}
 
     def report(self, chosen: dict[tuple, dict[str, Any]], cells: list[Cell],
                records: list[dict[str, Any]]) -> dict[str, Any]:
         rows = [row for record in records for row in record["rows"]]
-        verify = {f"L{d}-r{r}": read_json(self.run, f"{self.attempt_dir((d, r), c['attempt'])}"
-                                          "/verify.json") for (d, r), c in chosen.items()}
+        verify = {f"L{d}-r{r}{density_tag(t)}": read_json(
+            self.run, f"{self.attempt_dir((d, r), c['attempt'])}/verify{density_tag(t)}.json")
+            for (d, r), c in chosen.items() for t in self.cfg.densities}
         write_json(self.run.path("verify.json"), verify)
         return write_report(self.run, self.cfg, rows, verify, self.warnings,
                             {f"L{d}-r{r}": c for (d, r), c in chosen.items()},

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -39,6 +40,31 @@ class ArithmeticGates(GatePolicy):
     # base task, since the trained model computes the subtask only inside it: its accuracy on
     # the subtask alone is near chance before and after any ablation.)
     ablation_margin: float = 0.5
+    # The same margin for a subnetwork discovered at a target density, as (density, margin)
+    # points, interpolated linearly in density (and towards 0 below the first point): a
+    # sparse subnetwork cannot cost the base task what a dense one does, so its threshold is
+    # set from the margins measured at each density (docs/arithmetic.md, "Gates by density").
+    ablation_margin_by_density: list[list[float]] = field(
+        default_factory=lambda: [[0.05, 0.01], [0.1, 0.08], [0.2, 0.2], [0.4, 0.3]])
+
+    def ablation_threshold(self, target: float | None) -> float:
+        """The ablation-specificity threshold of a subnetwork at `target` (None: wherever
+        discovery landed, `ablation_margin`)."""
+        if target is None:
+            return self.ablation_margin
+        points = sorted((float(d), float(m)) for d, m in self.ablation_margin_by_density)
+        below = [(0.0, min(0.0, points[0][1])), *points]
+        for (d0, m0), (d1, m1) in itertools.pairwise(below):
+            if target <= d1:
+                return m0 + (m1 - m0) * (target - d0) / (d1 - d0)
+        return points[-1][1]
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        points = self.ablation_margin_by_density
+        if not points or any(len(p) != 2 or not 0 < p[0] <= 1 for p in points):
+            raise ConfigError("gates.ablation_margin_by_density must be a non-empty list of "
+                              f"[density, margin] pairs with density in (0, 1], got {points}")
 
 
 @dataclass
@@ -69,6 +95,10 @@ class ArithmeticConfig:
     discovery: DiscoveryConfig = field(default_factory=lambda: DiscoveryConfig(
         epochs=50, batch_size=500, lr=1e-3, final_temperature=100.0,
         mask=MaskConfig(l0_lambda=1e-7, init=-0.1)))
+    # Subnetwork densities: null is wherever discovery lands (the paper's); a number is a
+    # target kept fraction (`discovery.target_density`). Conditions that use the subnetwork
+    # run once per density, against the same base model.
+    densities: list[float | None] = field(default_factory=lambda: [None])
     grid: list[int] = field(default_factory=lambda: list(PAPER_GRID))
     conditions: list[str] = field(default_factory=lambda: list(ARITHMETIC_CONDITIONS))
     induction_fit: FitConfig = field(default_factory=lambda: FitConfig(
@@ -97,6 +127,10 @@ class ArithmeticConfig:
         if not self.grid or min(self.grid) < 0:
             raise ConfigError(f"grid must be a non-empty list of counts >= 0, got {self.grid}")
         check_conditions(self.conditions, list(CONDITIONS))
+        if not self.densities or len(set(self.densities)) != len(self.densities) or any(
+                d is not None and not 0 < d < 1 for d in self.densities):
+            raise ConfigError(f"densities must be a non-empty list of distinct targets in (0, 1) "
+                              f"or null (where discovery lands), got {self.densities}")
         if not 0 < self.threshold <= 1:
             raise ConfigError(f"threshold must be in (0, 1], got {self.threshold}")
 

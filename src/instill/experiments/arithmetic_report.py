@@ -16,7 +16,7 @@ from typing import Any
 
 from instill import stats
 from instill.experiments import reporting
-from instill.experiments.common import CONDITIONS
+from instill.experiments.common import CONDITIONS, at_density, base_condition, density_tag
 from instill.experiments.reporting import save_figure, table
 from instill.runio import RunDir
 from instill.storage import atomic_write_text, write_json
@@ -27,8 +27,28 @@ SOURCES = [("subnet", "subnet-fresh"), ("embeddings_only", "random"), ("subnet-f
            ("subnet-fresh", "sampled-fresh")]
 
 
+#: The controls a specificity curve compares Subtask Induction with at each density.
+SPECIFICITY = ("sampled", "sampled-inverse", "complement", "complement-inverse")
+
+
 def label(condition: str) -> str:
-    return CONDITIONS[condition].label
+    """A result name's label: `subnet@0.05` -> 'Subtask Induction @ 0.05'."""
+    name, target = base_condition(condition)
+    return CONDITIONS[name].label + ("" if target is None else f" @ {target:g}")
+
+
+def names(cfg) -> list[str]:
+    """Every condition as it appears in results: mask conditions once per density."""
+    return [at_density(c, t) if CONDITIONS[c].uses_mask else c for c in cfg.conditions
+            for t in (cfg.densities if CONDITIONS[c].uses_mask else [None])]
+
+
+def _compared(cfg, target: float | None) -> list[str]:
+    """What Subtask Induction at `target` is compared with: the mask conditions at the same
+    density and every condition that does not use the subnetwork."""
+    return [n for n in names(cfg) if base_condition(n)[0] != OURS
+            and (not CONDITIONS[base_condition(n)[0]].uses_mask
+                 or base_condition(n)[1] == target)]
 
 
 def curves(rows: list[dict], key: str = "test_accuracy") -> dict[str, dict[str, dict[int, float]]]:
@@ -52,14 +72,16 @@ def _paired(per_unit: dict[str, dict[str, float]], a: str, b: str) -> stats.Pair
 def summarize(cfg, rows: list[dict], verify: dict, problems: list[str],
               gates: dict[str, Any]) -> dict[str, Any]:
     """summary.json: per-condition AUC and samples to threshold with intervals, paired
-    comparisons of Subtask Induction against every control, and the gates' record."""
+    comparisons of Subtask Induction against every control (one Holm family per density),
+    the specificity curve over density, and the gates' record."""
     by = curves(rows)
-    auc = {c: {u: stats.auc_log(curve) for u, curve in by[c].items()} for c in cfg.conditions}
+    everything = names(cfg)
+    auc = {c: {u: stats.auc_log(curve) for u, curve in by[c].items()} for c in everything}
     reach = {c: {u: stats.samples_to_threshold(curve, cfg.threshold)
-                 for u, curve in by[c].items()} for c in cfg.conditions}
+                 for u, curve in by[c].items()} for c in everything}
     ns = sorted({n for c in by.values() for curve in c.values() for n in curve})
     conditions = {}
-    for c in cfg.conditions:
+    for c in everything:
         reached = [v for v in reach[c].values() if v is not None]
         conditions[c] = {
             "label": label(c),
@@ -76,10 +98,12 @@ def summarize(cfg, rows: list[dict], verify: dict, problems: list[str],
                 r[f"accuracy[{alt}]"] for r in rows if r["condition"] == c)
                 for alt in cfg.alternatives},
         }
-    versus = stats.adjust({c: _paired(auc, OURS, c) for c in cfg.conditions
-                           if OURS in cfg.conditions and c != OURS})
+    families = {t: stats.adjust({c: _paired(auc, at_density(OURS, t), c)
+                                 for c in _compared(cfg, t)})
+                for t in cfg.densities} if OURS in cfg.conditions else {}
+    versus = {_versus_key(t, c): p for t, family in families.items() for c, p in family.items()}
     sources = stats.adjust({f"{a} - {b}": _paired(auc, a, b) for a, b in SOURCES
-                            if a in cfg.conditions and b in cfg.conditions})
+                            if a in everything and b in everything})
     return {
         "threshold": cfg.threshold,
         "units": sorted({u for c in by.values() for u in c}),
@@ -87,44 +111,82 @@ def summarize(cfg, rows: list[dict], verify: dict, problems: list[str],
         "conditions": conditions,
         "subnet_vs": {c: {**p.to_dict(), "decision": stats.decide(p)} for c, p in versus.items()},
         "sources": {k: {**p.to_dict(), "decision": stats.decide(p)} for k, p in sources.items()},
+        "specificity": specificity(families, verify),
         "gates": gates,
         "gates_overridden": sorted(u for u, g in gates.items() if g.get("overridden")),
         "subnetwork_density": {k: v["density"] for k, v in verify.items()},
         "ambiguity_problems": problems,
-        "headline": headline(cfg, conditions, versus, gates),
+        "headline": headline(cfg, conditions, families, gates, verify),
     }
 
 
-def headline(cfg, conditions: dict, versus: dict[str, stats.Paired], gates: dict) -> str:
-    """One sentence that says only what the intervals support."""
+def measured_density(verify: dict, target: float | None) -> stats.Interval:
+    """The kept fraction of the subnetworks at `target`, over pipelines."""
+    tag = density_tag(target)
+    return stats.bootstrap_mean([v["density"] for k, v in verify.items()
+                                 if k.endswith(tag) and (tag or "-d" not in k)])
+
+
+def _versus_key(target: float | None, other: str) -> str:
+    """summary.json key of Subtask Induction at `target` against `other` (the other's name
+    alone where discovery set the density, as before densities existed)."""
+    return other if target is None else f"{at_density(OURS, target)} - {other}"
+
+
+def specificity(families: dict[float | None, dict[str, stats.Paired]],
+                verify: dict) -> list[dict[str, Any]]:
+    """Per density: Subtask Induction minus each same-density random control (AUC)."""
+    out = []
+    for t, family in families.items():
+        row: dict[str, Any] = {"target": t, "density": measured_density(verify, t).to_dict()}
+        for control in SPECIFICITY:
+            p = family.get(at_density(control, t))
+            if p is not None:
+                row[control] = {**p.to_dict(), "decision": stats.decide(p)}
+        out.append(row)
+    return out
+
+
+def headline(cfg, conditions: dict, families: dict[float | None, dict[str, stats.Paired]],
+             gates: dict, verify: dict) -> str:
+    """One sentence (a clause per density) that says only what the intervals support."""
     units = len(gates)
     warn = [u for u, g in gates.items() if g.get("overridden")]
     prefix = (f"WARNING: gates failed and were overridden for {', '.join(warn)}; these "
               "results rest on a base model or subnetwork that did not pass. " if warn else "")
-    if OURS not in conditions:
+    if OURS not in cfg.conditions:
         return prefix + f"No Subtask Induction condition was run ({units} pipelines)."
-    ours = conditions[OURS]
-    groups: dict[str, list[str]] = defaultdict(list)
-    for c, p in versus.items():
-        groups[stats.decide(p)].append(
-            f"{label(c)} ({p.mean_diff:+.2f} [{p.low:+.2f}, {p.high:+.2f}])")
-    reach = ours["median_samples_to_threshold"]
-    parts = [f"Over {units} independent pipelines (depths {cfg.layers}), Subtask Induction's "
-             f"data-efficiency AUC on `{cfg.target}` is {stats.Interval(**ours['auc'])}"
-             + (f" (median {reach:g} samples to {cfg.threshold})" if reach is not None
-                else f" (it never reaches {cfg.threshold} in {ours['never']} of {units})")]
     said = {"better": "higher than", "worse": "lower than",
             "indistinguishable": "indistinguishable at this power from"}
-    for decision in ("better", "worse", "indistinguishable"):
-        if groups[decision]:
-            parts.append(f"{said[decision]} {', '.join(groups[decision])}")
-    return prefix + "; ".join(parts) + " (paired AUC differences, 95% intervals, Holm-corrected)."
+    clauses = []
+    for t, family in families.items():
+        ours = conditions[at_density(OURS, t)]
+        groups: dict[str, list[str]] = defaultdict(list)
+        for c, p in family.items():
+            groups[stats.decide(p)].append(
+                f"{label(c)} ({p.mean_diff:+.2f} [{p.low:+.2f}, {p.high:+.2f}])")
+        reach = ours["median_samples_to_threshold"]
+        where = "" if len(families) == 1 else (
+            f" at density {measured_density(verify, t).mean:.2f}"
+            + (" (where discovery lands)" if t is None else " (target)"))
+        parts = [f"Subtask Induction's data-efficiency AUC on `{cfg.target}`{where} is "
+                 f"{stats.Interval(**ours['auc'])}"
+                 + (f" (median {reach:g} samples to {cfg.threshold})" if reach is not None
+                    else f" (it never reaches {cfg.threshold} in {ours['never']} of {units})")]
+        for decision in ("better", "worse", "indistinguishable"):
+            if groups[decision]:
+                parts.append(f"{said[decision]} {', '.join(groups[decision])}")
+        clauses.append("; ".join(parts))
+    return (prefix + f"Over {units} independent pipelines (depths {cfg.layers}), "
+            + ". At ".join(clauses)
+            + " (paired AUC differences, 95% intervals, Holm-corrected"
+            + (" within each density)." if len(families) > 1 else ")."))
 
 
 def write_csv(run: RunDir, cfg, rows: list[dict]) -> None:
     keys = ["layers", "replicate", "n", "seed", "condition", "test_accuracy",
             *[f"accuracy[{a}]" for a in cfg.alternatives], "val_accuracy", "best_epoch"]
-    order = {c: i for i, c in enumerate(cfg.conditions)}
+    order = {c: i for i, c in enumerate(names(cfg))}
     rows = sorted(rows, key=lambda r: (r["layers"], r["replicate"], r["n"], r["seed"],
                                        order[r["condition"]]))
     reporting.write_csv(run.path("results.csv"), keys, rows)
@@ -140,11 +202,11 @@ def plot(run: RunDir, cfg, summary: dict) -> None:
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.8),
                                       gridspec_kw={"width_ratios": [3, 2]})
-    conds = summary["conditions"]
-    for c in cfg.conditions:
+    conds, everything = summary["conditions"], names(cfg)
+    for c in everything:
         points = sorted((int(n), v) for n, v in conds[c]["mean_test_accuracy"].items())
         ns = [n for n, _ in points]
-        style = "-" if "fresh" not in c else "--"
+        style = "--" if "fresh" in c else ":" if "@" in c else "-"
         left.plot(ns, [v["mean"] for _, v in points], style, marker="o", ms=3, label=label(c))
         left.fill_between(ns, [v["low"] for _, v in points], [v["high"] for _, v in points],
                           alpha=0.12)
@@ -159,16 +221,47 @@ def plot(run: RunDir, cfg, summary: dict) -> None:
     for i, (name, alt) in enumerate(hypotheses):
         values = [statistics.fmean(v["mean"] for v in conds[c]["mean_test_accuracy"].values())
                   if alt is None else conds[c]["accuracy_under_alternatives"][alt]
-                  for c in cfg.conditions]
-        right.bar([j + i * width for j in range(len(cfg.conditions))], values, width,
+                  for c in everything]
+        right.bar([j + i * width for j in range(len(everything))], values, width,
                   label=f"target {cfg.target}" if alt is None else name)
-    right.set_xticks([j + width * (len(hypotheses) - 1) / 2 for j in range(len(cfg.conditions))],
-                     [textwrap.fill(label(c), 12) for c in cfg.conditions], fontsize=6)
+    right.set_xticks([j + width * (len(hypotheses) - 1) / 2 for j in range(len(everything))],
+                     [textwrap.fill(label(c), 12) for c in everything], fontsize=6,
+                     rotation=90 if len(everything) > 8 else 0)
     right.set(ylabel="test answers matching (mean over the grid)", ylim=(0, 1.02),
               title="Which hypothesis each condition adopted")
     right.legend(fontsize=7)
     fig.tight_layout()
     save_figure(fig, run.path("data_efficiency.png"))
+
+
+def plot_specificity(run: RunDir, summary: dict) -> None:
+    """specificity.png: Subtask Induction minus each same-density control (AUC, 95% interval
+    over pipelines) against the subnetworks' measured density."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    rows = sorted(summary["specificity"], key=lambda r: r["density"]["mean"])
+    for k, control in enumerate(SPECIFICITY):
+        points = [(r["density"]["mean"], r[control]) for r in rows if control in r]
+        if not points:
+            continue
+        xs = [x * (1 + 0.03 * (k - 1.5)) for x, _ in points]  # side by side, not on top
+        ys = [p["mean_diff"] for _, p in points]
+        err = [[y - p["low"] for y, (_, p) in zip(ys, points, strict=True)],
+               [p["high"] - y for y, (_, p) in zip(ys, points, strict=True)]]
+        ax.errorbar(xs, ys, yerr=err, marker="o", ms=4, capsize=3,
+                    label=f"minus {CONDITIONS[control].label}")
+    ax.axhline(0, color="grey", lw=0.8)
+    ax.set_xscale("log")
+    ax.set(xlabel="subnetwork density (kept fraction of the masked weights)",
+           ylabel="AUC difference (Subtask Induction minus control)",
+           title=f"Specificity over density ({len(summary['units'])} pipelines, 95% intervals)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    save_figure(fig, run.path("specificity.png"))
 
 
 WHY = ("Why: smaller problems (fewer numbers, depths, samples and epochs) make a run fit a CPU in "
@@ -212,10 +305,10 @@ def markdown(cfg, summary: dict, verify: dict, paper: dict[str, Any], ours: dict
     verify_rows = [[unit, name, f"{acc['subtask']:.3f}", f"{acc['base']:.3f}"]
                    for unit, v in verify.items() for name, acc in v["accuracy"].items()]
     curve_rows = [[label(c), *[f"{conds[c]['mean_test_accuracy'][str(n)]['mean']:.2f}"
-                               for n in ns]] for c in cfg.conditions]
+                               for n in ns]] for c in names(cfg)]
     auc_rows = [[label(c), f"{stats.Interval(**conds[c]['auc']):.3f}",
                  _samples(conds[c]), f"{conds[c]['never']} of {len(summary['units'])}"]
-                for c in cfg.conditions]
+                for c in names(cfg)]
     header = ["comparison", "mean AUC difference [95%]", "p", "p (Holm)", "pairs", "decision"]
     differs = differences(ours, paper)
     density = ", ".join(f"{u} {v['density']:.4f}" for u, v in verify.items())
@@ -253,7 +346,9 @@ def markdown(cfg, summary: dict, verify: dict, paper: dict[str, Any], ours: dict
         table(["condition", "AUC [95%]", f"samples to {cfg.threshold}: mean [95%] (median)",
                "never reached"], auc_rows),
         "### Subtask Induction against each control (paired by pipeline)",
-        table(header, _paired_rows(summary["subnet_vs"], label)),
+        table(header, _paired_rows(summary["subnet_vs"], lambda k: " minus ".join(
+            label(c) for c in k.split(" - ")))),
+        *(specificity_section(summary) if len(cfg.densities) > 1 else []),
         "### Where the transfer comes from",
         "`-fresh` conditions re-initialize the untargeted parameters (embeddings, norms, "
         "biases) too; `embeddings only` keeps them and re-initializes every targeted weight.",
@@ -265,6 +360,25 @@ def markdown(cfg, summary: dict, verify: dict, paper: dict[str, Any], ours: dict
     ]) + "\n"
 
 
+def specificity_section(summary: dict) -> list[str]:
+    """report.md's specificity curve: per density, Subtask Induction minus each random
+    control of the same density (same-size and the reference's inverse controls)."""
+    rows = []
+    for r in sorted(summary["specificity"], key=lambda r: r["density"]["mean"]):
+        target = "where discovery lands" if r["target"] is None else f"{r['target']:g}"
+        rows.append([target, f"{stats.Interval(**r['density']):.3f}", *[
+            f"{r[c]['mean_diff']:+.3f} [{r[c]['low']:+.3f}, {r[c]['high']:+.3f}] "
+            f"{r[c]['decision']}" if c in r else "not run" for c in SPECIFICITY]])
+    return ["## Specificity over density",
+            "Subtask Induction minus a control at the same density (paired AUC differences, 95% "
+            "intervals over pipelines, Holm-corrected within each density). The same-size "
+            "controls keep as many random trained weights as the subnetwork has; the reference's "
+            "inverse controls keep every trained weight but that many (docs/arithmetic.md).",
+            table(["target density", "measured density [95%]",
+                   *[f"minus {CONDITIONS[c].label}" for c in SPECIFICITY]], rows),
+            "![specificity](specificity.png)"]
+
+
 def write_report(run: RunDir, cfg, rows: list[dict], verify: dict, problems: list[str],
                  gates: dict[str, Any], paper: dict[str, Any], ours: dict[str, Any]
                  ) -> dict[str, Any]:
@@ -274,7 +388,10 @@ def write_report(run: RunDir, cfg, rows: list[dict], verify: dict, problems: lis
     summary = summarize(cfg, rows, verify, problems, gates)
     write_json(run.path("summary.json"), summary)
     plot(run, cfg, summary)
+    outputs = ["results.csv", "summary.json", "data_efficiency.png", "report.md", "verify.json"]
+    if len(cfg.densities) > 1:
+        plot_specificity(run, summary)
+        outputs.append("specificity.png")
     atomic_write_text(run.path("report.md"), markdown(cfg, summary, verify, paper, ours))
-    run.record_outputs(["results.csv", "summary.json", "data_efficiency.png", "report.md",
-                        "verify.json"])
+    run.record_outputs(outputs)
     return summary

@@ -46,35 +46,47 @@ Builder = Callable[[nn.Module, Subnetwork, int, bool], nn.Module]
 
 @dataclass(frozen=True)
 class Condition:
-    """A comparison condition: its report label and how its starting model is built."""
+    """A comparison condition: its report label, how its starting model is built, and whether
+    it depends on the subnetwork's masks (then it runs once per subnetwork density)."""
 
     label: str
     build: Builder
     doc: str
+    uses_mask: bool = False
 
 
 CONDITIONS: dict[str, Condition] = {}
 
 
-def register_condition(name: str, label: str, doc: str) -> Callable[[Builder], Builder]:
+def register_condition(name: str, label: str, doc: str,
+                       uses_mask: bool = False) -> Callable[[Builder], Builder]:
     """Add a condition under `name`; experiments list the names they compare."""
 
     def add(build: Builder) -> Builder:
-        CONDITIONS[name] = Condition(label, build, doc)
+        CONDITIONS[name] = Condition(label, build, doc, uses_mask)
         return build
 
     return add
 
 
-def _masked(kind: str, keep_unmasked: bool) -> Builder:
-    """A transplant of the subnetwork (`subnet`) or a same-size random mask (`sampled`,
-    `complement`), with the untargeted parameters trained (`keep_unmasked`) or fresh."""
+def _kept(kind: str, sub: Subnetwork, gen: torch.Generator) -> Subnetwork:
+    """The mask a masked condition transplants. The inverse kinds draw the same random mask as
+    their same-size kind (one seed) and keep everything else: the reference's controls."""
+    return {"subnet": lambda: sub,
+            "sampled": lambda: sub.sample_like(gen),
+            "complement": lambda: sub.sample_complement(gen),
+            "sampled-inverse": lambda: ~sub.sample_like(gen),
+            "complement-inverse": lambda: ~sub.sample_complement(gen)}[kind]()
+
+
+def _masked(kind: str, keep_unmasked: bool, trainable: bool = False) -> Builder:
+    """A transplant of the subnetwork or a random mask (`_kept`), with the untargeted
+    parameters trained (`keep_unmasked`) or fresh, its kept weights frozen or `trainable`."""
 
     def build(trained: nn.Module, sub: Subnetwork, seed: int, freeze: bool) -> nn.Module:
-        gen = torch.Generator().manual_seed(seed)
-        mask = {"subnet": lambda: sub, "sampled": lambda: sub.sample_like(gen),
-                "complement": lambda: sub.sample_complement(gen)}[kind]()
-        return transplant(trained, mask, freeze=freeze, keep_unmasked=keep_unmasked, seed=seed)
+        mask = _kept(kind, sub, torch.Generator().manual_seed(seed))
+        return transplant(trained, mask, freeze=freeze and not trainable,
+                          keep_unmasked=keep_unmasked, seed=seed)
 
     return build
 
@@ -83,13 +95,23 @@ _MASKED_DOCS = {
     "subnet": ("Subtask Induction", "the discovered subnetwork transplanted"),
     "sampled": ("sampled subnetwork", "a random mask with the subnetwork's count per layer"),
     "complement": ("complement subnetwork", "like sampled, drawn only outside the subnetwork"),
+    "sampled-inverse": ("sampled inverse (reference)",
+                        "every trained weight but k random ones per layer, k the subnetwork's "
+                        "count there: the reference's `sampled` control (freezes 1 - density)"),
+    "complement-inverse": ("complement inverse (reference)",
+                           "the subnetwork and every other trained weight but k random ones "
+                           "outside it: the reference's `complement` control"),
 }
 for _kind, (_label, _doc) in _MASKED_DOCS.items():
-    register_condition(_kind, _label, _doc + "; untargeted parameters trained")(
+    register_condition(_kind, _label, _doc + "; untargeted parameters trained", True)(
         _masked(_kind, True))
-    register_condition(f"{_kind}-fresh", f"{_label} (fresh untargeted)",
-                       _doc + "; embeddings, norms and biases freshly initialized")(
-        _masked(_kind, False))
+    register_condition(f"{_kind}-trainable", f"{_label}, trainable",
+                       _doc + "; the kept weights start trained and train too", True)(
+        _masked(_kind, True, trainable=True))
+    if "inverse" not in _kind:
+        register_condition(f"{_kind}-fresh", f"{_label} (fresh untargeted)",
+                           _doc + "; embeddings, norms and biases freshly initialized", True)(
+            _masked(_kind, False))
 
 
 @register_condition("full", "full model transfer", "the whole trained model fine-tuned")
@@ -128,6 +150,23 @@ def starting_model(condition: str, trained: nn.Module, sub: Subnetwork, seed: in
     if condition not in CONDITIONS:
         raise ConfigError(f"unknown condition {condition!r}; choose from {list(CONDITIONS)}")
     return CONDITIONS[condition].build(trained, sub, seed, freeze)
+
+
+def density_tag(target: float | None) -> str:
+    """File-name suffix of a subnetwork discovered at a target density ('' where discovery
+    landed by itself)."""
+    return "" if target is None else f"-d{target:g}"
+
+
+def at_density(condition: str, target: float | None) -> str:
+    """A mask condition's name in results at a target density, e.g. `subnet@0.05`."""
+    return condition if target is None else f"{condition}@{target:g}"
+
+
+def base_condition(name: str) -> tuple[str, float | None]:
+    """`subnet@0.05` -> ('subnet', 0.05); `random` -> ('random', None)."""
+    condition, _, target = name.partition("@")
+    return condition, float(target) if target else None
 
 
 def check_conditions(names: Sequence[str], allowed: Sequence[str]) -> None:
