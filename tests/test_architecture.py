@@ -10,7 +10,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "instill"
 
 #: Layer of each module (first matching prefix wins), as in docs/architecture.md.
 LAYERS = [
-    ("instill.errors", 1), ("instill.seeds", 1), ("instill.stats", 1),
+    ("instill.errors", 1), ("instill.seeds", 1), ("instill.stats", 1), ("instill.devices", 1),
     ("instill.storage", 2), ("instill.methods", 2), ("instill.models", 2),
     ("instill.core", 3), ("instill.tasks", 3), ("instill.runio", 3), ("instill.checkpoint", 3),
     ("instill.training", 4), ("instill.analysis", 4),

@@ -245,3 +245,60 @@ def test_density_axis_runs_mask_conditions_once_per_density(tmp_path):
     assert "at density 0.20 (target)" in summary["headline"]
     report = (tmp_path / "report.md").read_text()
     assert "## Specificity over density" in report and (tmp_path / "specificity.png").is_file()
+
+
+def test_batched_cells_give_each_model_its_one_at_a_time_record(tmp_path, monkeypatch):
+    """Cells of one depth and n trained as one vmapped stack (with counter-based dropout)
+    record what each model's own `fit` records; reruns are bit-identical."""
+    stacks = []
+    real = arith.fit_batched
+    monkeypatch.setattr(arith, "fit_batched", lambda models, *a, **k: (
+        stacks.append(len(models)), real(models, *a, **k))[1])
+    counter = {**TINY, "induction_fit": {**TINY["induction_fit"], "dropout_rng": "counter"}}
+    alone = run_arithmetic(load_config("quick", counter), tmp_path / "alone",
+                           log=lambda _: None)
+    cfg = load_config("quick", {**counter, "induction_batch": 64})
+    stacked = run_arithmetic(cfg, tmp_path / "stacked", log=lambda _: None)
+    assert stacks == [6, 6]  # per n: 2 pipelines x 3 conditions
+    rows = [list(csv.DictReader((tmp_path / d / "results.csv").open()))
+            for d in ("alone", "stacked")]
+    for a, b in zip(*rows, strict=True):
+        assert (a["condition"], a["n"], a["best_epoch"]) == (b["condition"], b["n"],
+                                                            b["best_epoch"])
+        assert abs(float(a["val_accuracy"]) - float(b["val_accuracy"])) < 1e-6
+        assert abs(float(a["test_accuracy"]) - float(b["test_accuracy"])) < 1e-6
+    assert stacked["headline"] == alone["headline"]
+    shutil.rmtree(tmp_path / "stacked" / "cells")
+    again = run_arithmetic(cfg, tmp_path / "stacked", log=lambda _: None)
+    assert again == stacked
+
+
+def test_stacked_base_training_and_discovery_match_each_pipelines_own(tmp_path, monkeypatch):
+    """With pipeline_batch, the first attempt's base models of a depth, then their
+    discoveries, train as stacks before the pipelines run, and give each pipeline what its
+    own phases give (counter-based dropout, float rounding aside)."""
+    stacks = []
+    for name in ("fit_batched", "discover_batched"):
+        real = getattr(arith, name)
+        monkeypatch.setattr(arith, name, lambda models, *a, _real=real, _name=name, **k: (
+            stacks.append((_name, len(models))), _real(models, *a, **k))[1])
+    counter = {**TINY, "replicates": 3, "grid": [0], "conditions": ["subnet"],
+               "base_fit": {**TINY["base_fit"], "dropout_rng": "counter"}}
+    run_arithmetic(load_config("quick", counter), tmp_path / "alone", log=lambda _: None)
+    assert stacks == []
+    run_arithmetic(load_config("quick", {**counter, "pipeline_batch": 8}), tmp_path / "stacked",
+                   log=lambda _: None)
+    assert stacks == [("fit_batched", 3), ("discover_batched", 3)]
+    from instill.core import Subnetwork
+
+    for r in range(3):
+        where = f"pipelines/L1-r{r}/a0"
+        a, b = (json.loads((tmp_path / d / where / "base.json").read_text())
+                for d in ("alone", "stacked"))
+        assert a["best_epoch"] == b["best_epoch"] and a["seed"] == b["seed"]
+        assert a["test_accuracy"] == pytest.approx(b["test_accuracy"], abs=1e-6)
+        for got, want in zip(b["history"], a["history"], strict=True):
+            assert got["loss"] == pytest.approx(want["loss"], abs=1e-5)
+        subs = [Subnetwork.load(tmp_path / d / where / "subnetwork.safetensors")
+                for d in ("alone", "stacked")]
+        assert subs[0].iou(subs[1]) > 0.99

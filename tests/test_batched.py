@@ -9,14 +9,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
-from instill.batched import fit_batched
-from instill.core import Subnetwork, bake, transplant
+from instill.batched import discover_batched, fit_batched
+from instill.core import MaskConfig, Subnetwork, bake, transplant
 from instill.errors import ConfigError, TrainingError
 from instill.models import build_model
 from instill.tasks.arithmetic import ArithmeticSpec
 from instill.tasks.sequences import SequenceTask
-from instill.training import FitConfig, fit
+from instill.training import DiscoveryConfig, FitConfig, discover, fit
 
 SPEC = ArithmeticSpec(numbers=19, modulus=7)  # vocabulary 20
 TASK = SequenceTask(SPEC, "answer")
@@ -97,6 +98,44 @@ def test_reruns_are_bit_identical_and_dropout_is_per_model() -> None:
     # models 0 and 1 share weights, data and order: only their dropout draws differ
     w0, w1 = (m.transformer.h[0].mlp.c_fc.weight for m in first[:2])
     assert not torch.equal(w0, w1)
+
+
+def test_with_counter_dropout_each_model_matches_its_own_fit_with_dropout() -> None:
+    """Counter-based dropout draws each model's masks from its seed and step, so a stack with
+    dropout 0.1 gives what each model's own `fit` gives, within float rounding."""
+    cfg = FitConfig(epochs=3, batch_size=16, lr=3e-3, dropout_rng="counter")
+    base = gpt2(0, dropout=0.1)
+    models = [transplant(base, random_sub(base, 1), seed=10), gpt2(5, dropout=0.1)]
+    alone = [copy.deepcopy(m) for m in models]
+    datas, seeds = [[sequences(20)], [sequences(21)]], [100, 101]
+    stacked = fit_batched(models, datas, TASK.loss, cfg, seeds=seeds,
+                          evaluate=[neg_val_loss] * 2)
+    for k, ref in enumerate(alone):
+        expected = fit(ref, datas[k], TASK.loss, cfg, evaluate=neg_val_loss, seed=seeds[k])
+        assert stacked[k].best_epoch == expected.best_epoch
+        for got, want in zip(stacked[k].history, expected.history, strict=True):
+            assert got["loss"] == pytest.approx(want["loss"], abs=1e-5)
+        assert_close_states(models[k], ref)
+    torch_rng = gpt2(5, dropout=0.1)  # the same model with torch's dropout trains otherwise
+    fit(torch_rng, datas[1], TASK.loss, FitConfig(epochs=3, batch_size=16, lr=3e-3), seed=101)
+    assert not torch.equal(torch_rng.transformer.h[0].mlp.c_fc.weight,
+                           models[1].transformer.h[0].mlp.c_fc.weight)
+
+
+def test_fused_adamw_on_the_stack_matches_each_model() -> None:
+    """The vmapped gradients of a stack are not laid out like its weights; torch's fused CPU
+    AdamW reads raw memory, so without making them contiguous it mixed the models' updates
+    (a first-epoch loss 1e-3 off with three models, exact with one)."""
+    cfg = FitConfig(epochs=2, batch_size=16, lr=3e-3, fused=True)
+    models = [gpt2(k) for k in range(3)]
+    alone = [copy.deepcopy(m) for m in models]
+    datas = [[sequences(40 + k)] for k in range(3)]
+    stacked = fit_batched(models, datas, TASK.loss, cfg, seeds=[0, 1, 2])
+    for k, ref in enumerate(alone):
+        expected = fit(ref, datas[k], TASK.loss, cfg, seed=k)
+        for got, want in zip(stacked[k].history, expected.history, strict=True):
+            assert got["loss"] == pytest.approx(want["loss"], abs=1e-5)
+        assert_close_states(models[k], ref)
 
 
 def test_frozen_entries_stay_and_weight_decay_applies() -> None:
@@ -241,3 +280,29 @@ def test_mismatched_inputs_are_config_errors() -> None:
     with pytest.raises(ConfigError, match="lacks"):
         fit_batched(models, [data, data], TASK.loss, CFG, seeds=[0, 1],
                     masks=[{"nope": torch.ones(1, dtype=torch.bool)}, None])
+
+
+@pytest.mark.parametrize("extra", [{}, {"target_density": 0.2, "keep_best": True}],
+                         ids=["landing", "target-and-best"])
+def test_each_discovery_matches_its_own_discover(extra) -> None:
+    """Stacked continuous sparsification finds what each model's `discover` finds: the same
+    masks (up to the odd logit that float rounding puts across 0) and history."""
+    cfg = DiscoveryConfig(epochs=3, batch_size=16, lr=5e-2, final_temperature=20.0,
+                          mask=MaskConfig(l0_lambda=1e-4), **extra)
+    models = [gpt2(0), gpt2(1), gpt2(2)]
+    datas = [[sequences(30 + k)] for k in range(3)]
+    evaluate = [neg_val_loss] * 3
+    stacked = discover_batched(models, datas, TASK.loss, cfg, seeds=[5, 6, 7],
+                               evaluate=evaluate)
+    assert all(not any(parametrize.is_parametrized(m) for m in model.modules())
+               for model in models)  # every model comes back plain
+    for k, (sub, history) in enumerate(stacked):
+        alone, expected = discover(models[k], datas[k], TASK.loss, cfg, seed=5 + k,
+                                   evaluate=evaluate[k])
+        assert sub.metadata == alone.metadata
+        agree = sum(int((sub.masks[n] == alone.masks[n]).sum()) for n in sub.masks)
+        assert agree >= sub.total() - 3
+        for got, want in zip(history, expected, strict=True):
+            assert got["loss"] == pytest.approx(want["loss"], abs=1e-5)
+            assert got["val"] == pytest.approx(want["val"], abs=1e-5)
+            assert got["density"] == pytest.approx(want["density"], abs=1e-3)

@@ -127,9 +127,10 @@ def test_a_job_runs_from_its_description_alone(tmp_path, monkeypatch):
     """What a fresh worker process gets: the experiment as `module:name`, config and unit."""
     _run(tmp_path)
     monkeypatch.setattr(framework, "_INSTANCES", {})  # as in a new process
-    job = Job(f"{Toy.__module__}:Toy", to_dict(ToyConfig()), str(tmp_path), "cell", (0, 0, 2))
+    job = Job(f"{Toy.__module__}:Toy", to_dict(ToyConfig()), str(tmp_path), "cells",
+              ((0, 0, 2), (0, 0, 3)))
     value = read_json(Toy(ToyConfig(), tmp_path).run, "pipelines/r0/a0/model.json")["value"]
-    assert run_job(job) == {"rows": [{"replicate": 0, "n": 2, "y": value * 2}]}
+    assert run_job(job) == [{"rows": [{"replicate": 0, "n": n, "y": value * n}]} for n in (2, 3)]
 
 
 def test_each_cell_is_saved_as_it_finishes(tmp_path, monkeypatch):
@@ -146,3 +147,32 @@ def test_each_cell_is_saved_as_it_finishes(tmp_path, monkeypatch):
         _run(tmp_path)
     assert sorted(p.name for p in (tmp_path / "cells").iterdir()) == [
         "r0-n1.json", "r0-n2.json", "r0-n3.json", "r1-n1.json"]
+
+
+class GroupedToy(Toy):
+    """Toy whose cells of one replicate run as one job (as a batched stack would)."""
+
+    def cell_groups(self, cells: list[Cell]) -> list[list[Cell]]:
+        by: dict[int, list[Cell]] = {}
+        for cell in cells:
+            by.setdefault(cell.unit[0], []).append(cell)
+        return list(by.values())
+
+    def cell_batch(self, *units: tuple) -> list[dict[str, Any]]:
+        Toy.calls.append(f"batch of {len(units)}")
+        return super().cell_batch(*units)
+
+
+def test_grouped_cells_run_as_one_job_per_group_with_the_same_records(tmp_path):
+    plain = _run(tmp_path / "plain")
+    Toy.calls.clear()
+    grouped = GroupedToy(ToyConfig(), tmp_path / "grouped", log=lambda _: None).execute()
+    assert grouped == plain
+    assert sorted(c for c in Toy.calls if c.startswith("batch")) == ["batch of 3"] * 2
+    for name in ("r0-n1", "r1-n3"):
+        assert (tmp_path / "grouped/cells" / f"{name}.json").read_bytes() == \
+            (tmp_path / "plain/cells" / f"{name}.json").read_bytes()
+    (tmp_path / "grouped/cells/r1-n2.json").unlink()  # a resumed run groups what is left
+    Toy.calls.clear()
+    GroupedToy(ToyConfig(), tmp_path / "grouped", log=lambda _: None).execute()
+    assert [c for c in Toy.calls if not c.startswith("train")] == ["batch of 1", "cell 1 2"]

@@ -22,7 +22,9 @@ grouped ones, which are slower here than K separate convolutions.
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Mapping, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -33,10 +35,21 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.utils import parametrize
 from tqdm.auto import tqdm
 
-from instill.core import Subnetwork
+from instill.core import Subnetwork, attach_masks
 from instill.core.transplant import FrozenSubnetwork, bake
 from instill.errors import ConfigError, TrainingError
-from instill.training import EvalFn, FitConfig, FitResult, LossFn, batches, make_optimizer
+from instill.models.dropout import counter_dropout, step_key
+from instill.models.dropout import sites as dropout_sites
+from instill.training import (
+    DiscoveryConfig,
+    EvalFn,
+    FitConfig,
+    FitResult,
+    LossFn,
+    batches,
+    kept_fraction,
+    make_optimizer,
+)
 
 MaskSpec = Mapping[str, Tensor] | Subnetwork | None
 
@@ -143,6 +156,20 @@ def fit_batched(models: Sequence[nn.Module], datas: Sequence[Sequence[Tensor]],
     template = bake(models[0]).train()
     names = [name for name, _ in template.named_parameters()]
     buffer_names = [name for name, _ in template.named_buffers()]
+    with ExitStack() as stack:
+        keys = []
+        if cfg.dropout_rng == "counter":  # the masks `fit` draws for each model's seed and step
+            stack.enter_context(counter_dropout(template))
+            keys = [f"{name}.key" for name in dropout_sites(template)]
+        return _fit_stack(models, datas, loss_fn, cfg, seeds, evaluate, masks, desc, n,
+                          template, names, buffer_names, keys)
+
+
+def _fit_stack(models: Sequence[nn.Module], datas: Sequence[Sequence[Tensor]], loss_fn: LossFn,
+               cfg: FitConfig, seeds: Sequence[int], evaluate: Sequence[EvalFn] | None,
+               masks: Sequence[MaskSpec] | None, desc: str, n: int, template: nn.Module,
+               names: list[str], buffer_names: list[str], keys: list[str]) -> list[FitResult]:
+    """`fit_batched` on a prepared template; `keys` name its counter-dropout key buffers."""
     members, values, mask_rows, frozen_rows = [], [], [], []
     for k, model in enumerate(models):
         spec = masks[k] if masks is not None else None
@@ -213,8 +240,13 @@ def fit_batched(models: Sequence[nn.Module], datas: Sequence[Sequence[Tensor]],
             for s, idx in enumerate(zip(*orders, strict=True)):
                 pick = torch.stack(idx)
                 batch = [t[rows[:, None], pick] for t in data]
+                keyed = dict(bufs)
+                if keys:
+                    step_keys = torch.tensor([step_key(seeds[i], epoch * len(orders[0]) + s)
+                                              for i in active], device=data[0].device)
+                    keyed |= dict.fromkeys(keys, step_keys)
                 with sdpa_kernel([SDPBackend.MATH]):  # SDPA's fused CPU kernels lack vmap rules
-                    grads, losses = step(params, consts, bufs, mask_st, frozen_st, batch)
+                    grads, losses = step(params, consts, keyed, mask_st, frozen_st, batch)
                 bad = (~torch.isfinite(losses)).nonzero().flatten().tolist()
                 if bad:
                     raise TrainingError(
@@ -222,7 +254,7 @@ def fit_batched(models: Sequence[nn.Module], datas: Sequence[Sequence[Tensor]],
                         f"{losses[bad[0]].item()} at epoch {epoch}, step {s}; lower the learning "
                         "rate or check the data. The best state so far is kept.")
                 for name, p in params.items():
-                    p.grad = grads[name]
+                    p.grad = grads[name].contiguous()  # fused AdamW reads raw memory
                 optimizer.step()
                 for j, value in enumerate(losses.tolist()):
                     totals[j] += value * len(idx[j])
@@ -286,4 +318,128 @@ def _select(keep: list[int], params: dict[str, Tensor], consts: dict[str, Tensor
     return new, pick(consts), pick(bufs), pick(mask_st), pick(frozen_st), opt
 
 
-__all__ = ["MaskSpec", "fit_batched"]
+
+
+def discover_batched(models: Sequence[nn.Module], datas: Sequence[Sequence[Tensor]],
+                     loss_fn: LossFn, cfg: DiscoveryConfig, *, seeds: Sequence[int],
+                     evaluate: Sequence[EvalFn] | None = None,
+                     desc: str = "discover batched") -> list[tuple[Subnetwork, list[dict]]]:
+    """K discoveries (continuous sparsification) over K models of one architecture in one
+    vmapped step; model k gets what `discover(models[k], datas[k], ..., seed=seeds[k])` would
+    return, within float rounding. The models are returned untouched."""
+    if (cfg.mask.method, cfg.mask.granularity) != ("continuous_sparsification", "weight"):
+        raise ConfigError("discover_batched runs continuous sparsification at weight "
+                          "granularity; use `discover` for other mask methods")
+    if cfg.keep_best and evaluate is None:
+        raise ConfigError("discovery.keep_best needs evaluation data to pick the best epoch")
+    n = _check(models, datas, seeds, evaluate, None)
+    template = copy.deepcopy(models[0]).eval()
+    weights = [{k: p.detach() for k, p in m.named_parameters()} for m in models]
+    buffers = [{k: b for k, b in m.named_buffers()} for m in models]
+    masked = [attach_masks(m, cfg.mask) for m in models]
+    try:
+        return _discover_stack(masked, template, weights, buffers, datas, loss_fn, cfg, seeds,
+                               evaluate, desc, n)
+    finally:
+        for m in masked:
+            m.detach_masks()
+
+
+def _discover_stack(masked: list, template: nn.Module, weights: list[dict[str, Tensor]],
+                    buffers: list[dict[str, Tensor]], datas: Sequence[Sequence[Tensor]],
+                    loss_fn: LossFn, cfg: DiscoveryConfig, seeds: Sequence[int],
+                    evaluate: Sequence[EvalFn] | None, desc: str,
+                    n: int) -> list[tuple[Subnetwork, list[dict]]]:
+    """`discover_batched` on models with masks attached (`masked`) and a plain template."""
+    names = list(masked[0].masks)
+    logits = {k: torch.stack([m.masks[k].logits.detach() for m in masked]).requires_grad_()
+              for k in names}
+    consts = {k: torch.stack([w[k] for w in weights]) for k in weights[0]}
+    bufs = {k: torch.stack([b[k] for b in buffers]) for k in buffers[0]}
+    data = [torch.stack([d[t] for d in datas]) for t in range(len(datas[0]))]
+    gens = [torch.Generator().manual_seed(s) for s in seeds]
+    lam, temperature = cfg.mask.l0_lambda, 1.0
+
+    def one_loss(s: dict[str, Tensor], c: dict[str, Tensor], b: dict[str, Tensor],
+                 batch: list[Tensor], temp: float) -> Tensor:
+        effective, penalty = dict(c), 0.0
+        for k, value in s.items():
+            soft = torch.sigmoid(temp * value)
+            effective[k] = c[k] * soft.to(c[k].dtype)
+            penalty = penalty + soft.sum()
+        return loss_fn(cast(nn.Module, _Bound(template, {**effective, **b})), batch) \
+            + lam * penalty
+
+    step = vmap(grad_and_value(one_loss), in_dims=(0, 0, 0, 0, None))
+    optimizer = make_optimizer(list(logits.values()), FitConfig(
+        epochs=1, batch_size=cfg.batch_size, lr=cfg.lr, weight_decay=cfg.mask.weight_decay,
+        fused=cfg.fused))
+    growth = cfg.final_temperature ** (1 / cfg.epochs)
+    steps, done = cfg.epochs * math.ceil(n / cfg.batch_size), 0
+    histories: list[list[dict]] = [[] for _ in masked]
+    best: list[tuple[float, int, dict[str, Tensor]] | None] = [None] * len(masked)
+    rows = torch.arange(len(masked))
+    for epoch in tqdm(range(cfg.epochs), desc=desc, leave=False, disable=None):
+        orders = [list(batches(n, cfg.batch_size, g)) for g in gens]
+        totals = [0.0] * len(masked)
+        for s, idx in enumerate(zip(*orders, strict=True)):
+            pick = torch.stack(idx)
+            batch = [t[rows[:, None], pick] for t in data]
+            with sdpa_kernel([SDPBackend.MATH]):
+                grads, losses = step(logits, consts, bufs, batch, temperature)
+            bad = (~torch.isfinite(losses)).nonzero().flatten().tolist()
+            if bad:
+                raise TrainingError(f"{desc}: model {bad[0]}: the loss became "
+                                    f"{losses[bad[0]].item()} at epoch {epoch}, step {s}; lower "
+                                    "the learning rate or check the data")
+            for k, p in logits.items():
+                p.grad = grads[k].contiguous()
+            optimizer.step()
+            done += 1
+            if cfg.target_density is not None:
+                _keep_fraction(logits, kept_fraction(cfg.target_density, done / steps,
+                                                     cfg.target_warmup))
+            for j, value in enumerate(losses.tolist()):
+                totals[j] += value * len(idx[j])
+        temperature *= growth
+        for j, m in enumerate(masked):
+            _load_row(m, logits, j, temperature)
+            row = {"epoch": epoch, "loss": totals[j] / n, "density": m.subnetwork().density(),
+                   "temperature": temperature}
+            if evaluate is not None:
+                row["val"] = score = evaluate[j](m)
+                if best[j] is None or score > best[j][0]:  # type: ignore[index]
+                    best[j] = (score, epoch, m.mask_state())
+            histories[j].append(row)
+    out = []
+    for j, m in enumerate(masked):
+        _load_row(m, logits, j, temperature)
+        meta = {"temperature": str(temperature)}
+        if cfg.keep_best and best[j] is not None:
+            m.load_mask_state(best[j][2])  # type: ignore[index]
+            meta["best_epoch"] = str(best[j][1])  # type: ignore[index]
+        out.append((m.subnetwork(meta), histories[j]))
+    return out
+
+
+def _keep_fraction(logits: dict[str, Tensor], fraction: float) -> None:
+    """`MaskedModel.keep_fraction` for every row of stacked logits at once."""
+    flat = torch.cat([t.detach().flatten(1) for t in logits.values()], dim=1)
+    drop = flat.shape[1] - round(fraction * flat.shape[1])
+    below = flat.kthvalue(drop, dim=1).values
+    above = flat.kthvalue(drop + 1, dim=1).values
+    with torch.no_grad():
+        for t in logits.values():
+            t.sub_(((below + above) / 2).view(-1, *[1] * (t.dim() - 1)))
+
+
+def _load_row(masked: Any, logits: dict[str, Tensor], row: int, temperature: float) -> None:
+    """Put row `row` of the stacked logits into one model's masks; eval mode (hard masks)."""
+    with torch.no_grad():
+        for k, t in logits.items():
+            masked.masks[k].logits.copy_(t[row])
+    masked.temperature = temperature
+    masked.eval()
+
+
+__all__ = ["MaskSpec", "discover_batched", "fit_batched"]

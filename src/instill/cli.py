@@ -44,6 +44,17 @@ def _ints(text: str | None, name: str) -> list[int] | None:
             from None
 
 
+def _densities(text: str | None) -> list[float | None] | None:
+    """'native,0.05' -> [None, 0.05]."""
+    if text is None:
+        return None
+    try:
+        return [None if part == "native" else float(part) for part in _strings(text) or []]
+    except ValueError:
+        raise ConfigError(f"--densities takes 'native' or numbers like 'native,0.05', got "
+                          f"{text!r}") from None
+
+
 def _strings(text: str | None) -> list[str] | None:
     return None if text is None else [p.strip() for p in text.split(",") if p.strip()]
 
@@ -92,7 +103,8 @@ def compute_options(fn: Callable[..., Any]) -> Callable[..., Any]:
                      help="Torch threads per process (small models run fastest on one)."),
         click.option("--workers", type=click.IntRange(min=1), default=None,
                      help="Processes (or Ray CPUs) running pipelines and cells side by side "
-                          "[default: CPU count]."),
+                          "[default: CPU count; 1 on a GPU, which one process fills with "
+                          "batched stacks]."),
         click.option("--device", default="cpu", show_default=True,
                      help="Torch device of every process, e.g. cuda."),
         click.option("--executor", type=click.Choice(["local", "ray"]), default="local",
@@ -107,10 +119,11 @@ def compute_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     return fn
 
 
-def _executor(kind: str, workers: int | None, address: str | None) -> Any:
+def _executor(kind: str, workers: int | None, address: str | None, device: str = "cpu") -> Any:
     from instill.experiments.executors import make_executor
 
-    return make_executor(kind, workers=workers or os.cpu_count() or 1, address=address)
+    default = 1 if device.startswith("cuda") else os.cpu_count() or 1
+    return make_executor(kind, workers=workers or default, address=address)
 
 
 def _run(run: Callable[..., dict[str, Any]], cfg: Any, out: Path, threads: int,
@@ -118,7 +131,7 @@ def _run(run: Callable[..., dict[str, Any]], cfg: Any, out: Path, threads: int,
     """Run an experiment into `out` on the chosen executor; print its headline and time."""
     start = time.perf_counter()
     summary = run(cfg, out, log=click.echo, threads=threads, device=device,
-                  executor=_executor(executor, workers, address))
+                  executor=_executor(executor, workers, address, device))
     click.echo(summary["headline"])
     click.echo(f"done in {time.perf_counter() - start:.0f} s; report: {out / 'report.md'}")
 
@@ -144,9 +157,13 @@ def main() -> None:
 @click.option("--seeds", type=int, help="Downstream seeds per replicate and grid point.")
 @click.option("--seed", type=int, help="Base random seed.")
 @click.option("--grid", help="Comma-separated disambiguation sample counts.")
-@click.option("--conditions", help="Comma-separated subset of subnet,sampled,complement,full,"
-                                   "random,embeddings_only,subnet-fresh,sampled-fresh,"
-                                   "complement-fresh.")
+@click.option("--conditions", help="Comma-separated conditions, e.g. subnet,sampled,"
+                                   "sampled-inverse,complement,complement-inverse,full,random,"
+                                   "embeddings_only; also X-trainable and X-fresh variants "
+                                   "(docs/arithmetic.md lists them all).")
+@click.option("--densities", help="Comma-separated subnetwork densities: 'native' (where "
+                                  "discovery lands) or target kept fractions, e.g. "
+                                  "native,0.05,0.1.")
 @click.option("--loss", type=click.Choice(["lm", "answer"]),
               help="Language-modelling loss on the whole sequence (paper) or answer only.")
 @compute_options
@@ -164,6 +181,7 @@ def arithmetic(preset, config_file, out, assignments, threads, workers, device, 
         "layers": _ints(flags["layers"], "layers"),
         "grid": _ints(flags["grid"], "grid"),
         "conditions": _strings(flags["conditions"]),
+        "densities": _densities(flags["densities"]),
     }
     cfg = _config(load_config, preset, config_file, overrides, assignments)
     _run(run_arithmetic, cfg, out, threads, device, executor, workers, address)

@@ -9,7 +9,9 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
@@ -17,6 +19,7 @@ from tqdm.auto import tqdm
 
 from instill.core import MaskConfig, Subnetwork, attach_masks
 from instill.errors import ConfigError, TrainingError
+from instill.models.dropout import counter_dropout, set_step
 
 LossFn = Callable[[nn.Module, Sequence[Tensor]], Tensor]
 EvalFn = Callable[[nn.Module], float]
@@ -38,6 +41,10 @@ class FitConfig:
     eval_every: int = 1  # validate every k-th epoch and the last; 1 is the paper's schedule
     fused: bool = False  # AdamW's fused kernel (torch >= 2.4): the same update in fewer ops,
     # faster for small models, but rounded differently, so results differ in the last bits
+    # Where dropout masks come from: torch's generator ("torch"), or a hash of the seed, step
+    # and element ("counter"), the same whether a model trains alone or in a batched stack
+    # (`instill.batched`) and on any device; the two differ like two seeds.
+    dropout_rng: Literal["torch", "counter"] = "torch"
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1:
@@ -55,6 +62,9 @@ class FitConfig:
             raise ConfigError(f"stop_at must be in (0, 1] or null, got {self.stop_at}")
         if self.stop_after < 1:
             raise ConfigError(f"stop_after must be >= 1, got {self.stop_after}")
+        if self.dropout_rng not in ("torch", "counter"):
+            raise ConfigError(f"dropout_rng must be 'torch' or 'counter', got "
+                              f"{self.dropout_rng!r}")
 
 
 @dataclass
@@ -86,11 +96,15 @@ def batches(n: int, batch_size: int, generator: torch.Generator) -> Iterator[Ten
 
 def run_epoch(model: nn.Module, data: Sequence[Tensor], loss_fn: LossFn,
               optimizer: torch.optim.Optimizer, batch_size: int, generator: torch.Generator,
-              epoch: int, after_step: Callable[[], None] | None = None) -> float:
-    """One pass over `data` in training mode; returns the mean loss. Stops on a NaN loss."""
+              epoch: int, after_step: Callable[[], None] | None = None,
+              before_step: Callable[[int], None] | None = None) -> float:
+    """One pass over `data` in training mode; returns the mean loss. Stops on a NaN loss.
+    `before_step(i)` runs before the forward pass of step i of the epoch."""
     model.train()
     total, n = 0.0, len(data[0])
     for step, idx in enumerate(batches(n, batch_size, generator)):
+        if before_step is not None:
+            before_step(step)
         loss = loss_fn(model, [t[idx] for t in data])
         if not torch.isfinite(loss):
             raise TrainingError(
@@ -118,13 +132,31 @@ def fit(model: nn.Module, data: Sequence[Tensor], loss_fn: LossFn, cfg: FitConfi
     params = list(model.parameters()) if params is None else params
     optimizer = make_optimizer(params, cfg)
     generator = torch.Generator().manual_seed(seed)
-    result, best_state, stale, settled = FitResult(), None, 0, 0
+    result = FitResult()
     bar = tqdm(range(cfg.epochs), desc=desc, leave=False, disable=None)
+    steps = math.ceil(len(data[0]) / cfg.batch_size)
+    counter = cfg.dropout_rng == "counter"
+    with counter_dropout(model) if counter else nullcontext():
+        _fit_epochs(model, data, loss_fn, cfg, evaluate, optimizer, generator, result, bar, desc,
+                    (lambda epoch: lambda i: set_step(model, seed, epoch * steps + i))
+                    if counter else None)
+    if evaluate is None:
+        result.best_epoch = len(result.history) - 1
+    return result
+
+
+def _fit_epochs(model: nn.Module, data: Sequence[Tensor], loss_fn: LossFn, cfg: FitConfig,
+                evaluate: EvalFn | None, optimizer: torch.optim.Optimizer,
+                generator: torch.Generator, result: FitResult, bar, desc: str,
+                keyed: Callable[[int], Callable[[int], None]] | None) -> None:
+    """`fit`'s epochs: train, validate, keep the best state, stop early; the model ends in
+    eval mode with its best state. `keyed(epoch)` keys counter dropout per step."""
+    best_state, stale, settled = None, 0, 0
     try:
         for epoch in bar:
             try:
                 loss = run_epoch(model, data, loss_fn, optimizer, cfg.batch_size, generator,
-                                 epoch)
+                                 epoch, before_step=keyed(epoch) if keyed else None)
             except TrainingError as err:
                 raise TrainingError(f"{desc}: {err}") from None
             row = {"epoch": epoch, "loss": loss}
@@ -148,9 +180,6 @@ def fit(model: nn.Module, data: Sequence[Tensor], loss_fn: LossFn, cfg: FitConfi
         if best_state is not None:
             model.load_state_dict(best_state)
         model.eval()
-    if evaluate is None:
-        result.best_epoch = len(result.history) - 1
-    return result
 
 
 @dataclass

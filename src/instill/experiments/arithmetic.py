@@ -9,12 +9,15 @@ seed, all conditions on the same data), and the report with intervals over repli
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from instill.batched import discover_batched, fit_batched
 from instill.checkpoint import load_model, save_model
 from instill.core import Subnetwork
 from instill.core.targets import select_parameters
@@ -50,7 +53,22 @@ from instill.tasks.arithmetic import (
 )
 from instill.tasks.expr import Expression, parse
 from instill.tasks.sequences import SequenceTask
-from instill.training import DiscoveryConfig, discover, fit
+from instill.training import DiscoveryConfig, FitResult, discover, fit
+
+
+@dataclass
+class _Induction:
+    """One induction model ready to train: its cell, result name, data, seed and validation."""
+
+    unit: tuple
+    name: str
+    model: nn.Module
+    train: Tensor
+    val: Tensor
+    test: Tensor
+    seed: int
+    evaluate: Callable[[nn.Module], float]
+    desc: str
 
 
 # -- phases -----------------------------------------------------------------------------------
@@ -113,13 +131,22 @@ class ArithmeticRun(Experiment):
         return read_json(self.run, f"{where}/base.json", "retrain it")
 
     def _train_base(self, layers: int, replicate: int, attempt: int, where: str) -> None:
-        seed = self.seed("base", layers, replicate, attempt)
-        torch.manual_seed(seed)
-        model = self.build(layers)
-        train, val, test = self.base_data(seed)
+        model, seed, (train, val, test) = self._base_job(layers, replicate, attempt)
         result = fit(model, [train], self.task.loss, self.cfg.base_fit, seed=seed,
                      evaluate=lambda m: self.task.accuracy(m, val),
                      desc=f"base L{layers} r{replicate}")
+        self._save_base(layers, replicate, attempt, model, seed, test, result)
+
+    def _base_job(self, layers: int, replicate: int, attempt: int
+                  ) -> tuple[nn.Module, int, tuple[Tensor, Tensor, Tensor]]:
+        """A base model as initialized for this attempt, its seed and its data."""
+        seed = self.seed("base", layers, replicate, attempt)
+        torch.manual_seed(seed)
+        return self.build(layers), seed, self.base_data(seed)
+
+    def _save_base(self, layers: int, replicate: int, attempt: int, model: nn.Module,
+                   seed: int, test: Tensor, result: FitResult) -> None:
+        where = self.attempt_dir((layers, replicate), attempt)
         info = {"layers": layers, "replicate": replicate, "attempt": attempt, "seed": seed,
                 "val_accuracy": result.best_score, "test_accuracy": self.task.accuracy(model, test),
                 "best_epoch": result.best_epoch, "history": result.history}
@@ -155,26 +182,92 @@ class ArithmeticRun(Experiment):
 
     def _discover(self, layers: int, replicate: int, attempt: int, model: nn.Module,
                   name: str, target: float | None) -> None:
+        cfg, data, evaluate, seed, desc = self._discovery_job(layers, replicate, attempt, target)
+        sub, history = discover(model, [data], self.task.loss, cfg, evaluate=evaluate,
+                                seed=seed, desc=desc)
+        self._save_subnetwork(name, sub, history, layers, target)
+
+    def _discovery_job(self, layers: int, replicate: int, attempt: int, target: float | None
+                       ) -> tuple[DiscoveryConfig, Tensor, Callable | None, int, str]:
+        """The discovery settings, subtask data, held-out scorer (with `keep_best`), seed and
+        name of one discovery."""
         tag = () if target is None else (density_tag(target),)
         seed = self.seed("discovery", layers, replicate, attempt, *tag)
         torch.manual_seed(seed)  # anything drawn from the global generator is seeded too
         data = self.sequences("subtask", self.cfg.subtask_samples, seed)
         cfg = self.cfg.discovery
         if target is not None:
-            cfg = DiscoveryConfig(**{**vars(cfg), "target_density": target})
+            mask = cfg.mask if self.cfg.density_l0_lambda is None else replace(
+                cfg.mask, l0_lambda=self.cfg.density_l0_lambda)
+            cfg = replace(cfg, target_density=target, mask=mask)
         evaluate = None
         if cfg.keep_best:  # held-out subtask pairs pick the epoch, as the reference does
             held_out = self.sequences("subtask", 2000, self.seed("discovery-val", layers,
                                                                  replicate, attempt, *tag))
             evaluate = lambda m: self.task.accuracy(m, held_out)  # noqa: E731
-        sub, history = discover(model, [data], self.task.loss, cfg, evaluate=evaluate,
-                                seed=seed, desc=f"discover L{layers} r{replicate}{''.join(tag)}")
+        return cfg, data, evaluate, seed, f"discover L{layers} r{replicate}{''.join(tag)}"
+
+    def _save_subnetwork(self, name: str, sub: Subnetwork, history: list[dict], layers: int,
+                         target: float | None) -> None:
         path = self.run.path(name)
         write_json(path.with_suffix(".json"), {"history": history})
         Subnetwork(sub.masks, sub.fingerprint,
                    {**sub.metadata, "subtask": self.cfg.subtask, "layers": str(layers),
                     **({"target_density": str(target)} if target is not None else {})}
                    ).save(path)
+
+    def prefetch(self, units: list[tuple]) -> None:
+        """With `pipeline_batch` > 1, the first attempt's base models of each depth train as
+        vmapped stacks, then their discoveries (each density) do; the pipelines then find
+        them done. Each model is what its one-at-a-time phase gives, within float rounding
+        (exactly its dropout with `base_fit.dropout_rng: counter`)."""
+        size = self.cfg.pipeline_batch
+        if size <= 1:
+            return
+        for layers in self.cfg.layers:
+            reps = [r for d, r in units if d == layers]
+            for chunk in (reps[i:i + size] for i in range(0, len(reps), size)):
+                self._prefetch_bases(layers, chunk)
+                passed = [r for r in chunk if self.gates_allow_discovery(layers, r)]
+                for target in self.cfg.densities:
+                    self._prefetch_discoveries(layers, passed, target)
+
+    def _prefetch_bases(self, layers: int, reps: list[int]) -> None:
+        todo = [r for r in reps if not self.run.exists(
+            f"{self.attempt_dir((layers, r), 0)}/base.safetensors")]
+        if len(todo) < 2:
+            return
+        jobs = [self._base_job(layers, r, 0) for r in todo]
+        torch.manual_seed(jobs[0][1])  # torch dropout draws for the whole stack
+        evaluate = [lambda m, v=job[2][1]: self.task.accuracy(m, v) for job in jobs]
+        results = fit_batched([j[0] for j in jobs], [[j[2][0]] for j in jobs], self.task.loss,
+                              self.cfg.base_fit, seeds=[j[1] for j in jobs], evaluate=evaluate,
+                              desc=f"{len(jobs)} base models, L{layers}")
+        for r, (model, seed, data), result in zip(todo, jobs, results, strict=True):
+            self._save_base(layers, r, 0, model, seed, data[2], result)
+
+    def gates_allow_discovery(self, layers: int, replicate: int) -> bool:
+        """Whether attempt 0's base model passed its gate (or gates are not enforced), so
+        its pipeline goes on to discovery."""
+        base = read_json(self.run, f"{self.attempt_dir((layers, replicate), 0)}/base.json")
+        return not self.cfg.gates.enforce or \
+            base["test_accuracy"] >= self.cfg.gates.base_accuracy
+
+    def _prefetch_discoveries(self, layers: int, reps: list[int], target: float | None) -> None:
+        names = {r: f"{self.attempt_dir((layers, r), 0)}/subnetwork{density_tag(target)}"
+                    ".safetensors" for r in reps}
+        todo = [r for r in reps if not self.run.exists(names[r])]
+        if len(todo) < 2:
+            return
+        jobs = [self._discovery_job(layers, r, 0, target) for r in todo]
+        cfg = jobs[0][0]
+        found = discover_batched([self.base_model(layers, r, 0) for r in todo],
+                                 [[job[1]] for job in jobs], self.task.loss, cfg,
+                                 seeds=[job[3] for job in jobs],
+                                 evaluate=[job[2] for job in jobs] if cfg.keep_best else None,
+                                 desc=f"{len(jobs)} discoveries, L{layers}")
+        for r, (sub, history) in zip(todo, found, strict=True):
+            self._save_subnetwork(names[r], sub, history, layers, target)
 
     def verify(self, layers: int, replicate: int, attempt: int, model: nn.Module,
                sub: Subnetwork, target: float | None = None) -> dict[str, Any]:
@@ -262,24 +355,61 @@ class ArithmeticRun(Experiment):
         """Phase 4 unit of work: one condition trained on the target data of (pipeline, n,
         seed); its row. Seeds depend on (pipeline, n, seed) only, so every condition of that
         data starts from the same fresh weights and draws the same dropout."""
+        job = self._induction((layers, replicate, attempt, n, seed, condition, target))
+        torch.manual_seed(job.seed)  # dropout: the same draws in a fresh or resumed run
+        result = fit(job.model, [job.train], self.task.loss, self.cfg.induction_fit,
+                     seed=job.seed, evaluate=job.evaluate, desc=job.desc)
+        return self._record(job, result)
+
+    def cell_groups(self, cells: list[Cell]) -> list[list[Cell]]:
+        """With `induction_batch` > 1, the cells of one depth and n (models of one shape on as
+        many samples) in stacks of up to that many models; else one cell each."""
+        size = self.cfg.induction_batch
+        if size <= 1:
+            return super().cell_groups(cells)
+        by: dict[tuple[int, int], list[Cell]] = {}
+        for cell in cells:
+            by.setdefault((cell.unit[0], cell.unit[3]), []).append(cell)
+        return [group[i:i + size] for group in by.values() for i in range(0, len(group), size)]
+
+    def cell_batch(self, *units: tuple) -> list[dict[str, Any]]:
+        """Cells of one depth and n trained as one vmapped stack (`fit_batched`): each model
+        as its own `fit` would, within float rounding (exactly its dropout with
+        `induction_fit.dropout_rng: counter`)."""
+        if len(units) == 1:
+            return [self.cell(*units[0])]
+        jobs = [self._induction(unit) for unit in units]
+        torch.manual_seed(jobs[0].seed)  # torch dropout draws for the whole stack
+        results = fit_batched([j.model for j in jobs], [[j.train] for j in jobs],
+                              self.task.loss, self.cfg.induction_fit,
+                              seeds=[j.seed for j in jobs], evaluate=[j.evaluate for j in jobs],
+                              desc=f"{len(jobs)} models, L{units[0][0]} n={units[0][3]}")
+        return [self._record(j, r) for j, r in zip(jobs, results, strict=True)]
+
+    def _induction(self, unit: tuple) -> _Induction:
+        """A cell's starting model, data and seed."""
+        layers, replicate, attempt, n, seed, condition, target = unit
         trained, sub = self.transfer_source(layers, replicate, attempt, target)
         splits = self.splits(replicate, seed)
         train, val, test = (s.to(self.device) for s in (
             splits.train_sequences(n), splits.val_sequences(), splits.test_sequences()))
         run_seed = self.seed("cell", layers, replicate, n, seed)
         name = at_density(condition, target) if CONDITIONS[condition].uses_mask else condition
-        torch.manual_seed(run_seed)  # dropout: the same draws in a fresh or resumed run
         model = starting_model(condition, trained, sub, run_seed, freeze=self.cfg.freeze)
-        result = fit(model, [train], self.task.loss, self.cfg.induction_fit, seed=run_seed,
-                     evaluate=lambda m: self.task.accuracy(m, val),
-                     desc=f"{name} L{layers} r{replicate} n={n} s{seed}")
-        pred = self.task.predict(model, test)
+        return _Induction(unit, name, model, train, val, test, run_seed,
+                          lambda m: self.task.accuracy(m, val),
+                          f"{name} L{layers} r{replicate} n={n} s{seed}")
+
+    def _record(self, job: _Induction, result: FitResult) -> dict[str, Any]:
+        """A trained cell's row: target and alternative accuracies on the test pairs."""
+        layers, replicate, _, n, seed, _, _ = job.unit
+        pred = self.task.predict(job.model, job.test)
         row = {"layers": layers, "replicate": replicate, "n": n, "seed": seed,
-               "condition": name,
-               "test_accuracy": _acc(pred, test, self.exprs["target"], self.spec),
+               "condition": job.name,
+               "test_accuracy": _acc(pred, job.test, self.exprs["target"], self.spec),
                "val_accuracy": result.best_score, "best_epoch": result.best_epoch}
         for alt in self.alternatives:
-            row[f"accuracy[{alt}]"] = _acc(pred, test, alt, self.spec)
+            row[f"accuracy[{alt}]"] = _acc(pred, job.test, alt, self.spec)
         return {"rows": [row]}
 
     def report(self, chosen: dict[tuple, dict[str, Any]], cells: list[Cell],

@@ -92,21 +92,37 @@ class ArithmeticConfig:
     base_fit: FitConfig = field(default_factory=lambda: FitConfig(
         epochs=50, batch_size=50, lr=5e-4, weight_decay=0.01, patience=5))
     subtask_samples: int = 50_000
+    # As the reference ran it: AdamW's default weight decay (0.01) on the mask logits, and the
+    # epoch whose subnetwork computes the subtask best on held-out pairs is kept.
     discovery: DiscoveryConfig = field(default_factory=lambda: DiscoveryConfig(
-        epochs=50, batch_size=500, lr=1e-3, final_temperature=100.0,
-        mask=MaskConfig(l0_lambda=1e-7, init=-0.1)))
+        epochs=50, batch_size=500, lr=1e-3, final_temperature=100.0, keep_best=True,
+        mask=MaskConfig(l0_lambda=1e-7, init=-0.1, weight_decay=0.01)))
     # Subnetwork densities: null is wherever discovery lands (the paper's); a number is a
     # target kept fraction (`discovery.target_density`). Conditions that use the subnetwork
     # run once per density, against the same base model.
     densities: list[float | None] = field(default_factory=lambda: [None])
+    # The L0 penalty of discoveries at a target density (null: discovery.mask.l0_lambda). The
+    # budget sets the size; the penalty pushes the weights the subtask does not need away
+    # from the threshold, without which 2% subnetworks computed the subtask at 0.41-0.67
+    # (docs/arithmetic.md, "Subnetworks at chosen densities").
+    density_l0_lambda: float | None = 1e-4
     grid: list[int] = field(default_factory=lambda: list(PAPER_GRID))
     conditions: list[str] = field(default_factory=lambda: list(ARITHMETIC_CONDITIONS))
     induction_fit: FitConfig = field(default_factory=lambda: FitConfig(
         epochs=100, batch_size=50, lr=2e-4, weight_decay=0.01))
+    # Induction models trained together in one vmapped stack (cells of one depth and n, up to
+    # this many; `instill.batched`); 1 trains them one at a time. See docs/performance.md for
+    # where stacking pays.
+    induction_batch: int = 1
+    # The first attempt's base models of one depth, then their discoveries, trained as
+    # vmapped stacks of up to this many (in the driver process, before the pipelines run;
+    # pays on a GPU); 1 leaves each to its pipeline.
+    pipeline_batch: int = 1
     n_val: int = 1000
     n_test: int = 1000
     freeze: bool = True
     threshold: float = 0.95
+    tf32: bool = False  # TF32 matmuls on a CUDA device (faster; results differ like a seed's)
 
     def __post_init__(self) -> None:
         self.spec  # noqa: B018  (validates numbers and modulus)
@@ -131,6 +147,9 @@ class ArithmeticConfig:
                 d is not None and not 0 < d < 1 for d in self.densities):
             raise ConfigError(f"densities must be a non-empty list of distinct targets in (0, 1) "
                               f"or null (where discovery lands), got {self.densities}")
+        if self.induction_batch < 1 or self.pipeline_batch < 1:
+            raise ConfigError(f"induction_batch and pipeline_batch must be >= 1, got "
+                              f"{self.induction_batch} and {self.pipeline_batch}")
         if not 0 < self.threshold <= 1:
             raise ConfigError(f"threshold must be in (0, 1], got {self.threshold}")
 
@@ -162,7 +181,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         "base_fit": {"epochs": 80, "batch_size": 128, "lr": 1e-3, "patience": None,
                      "stop_at": 0.998, "stop_after": 2, "fused": True},
         "subtask_samples": 10_000,
-        "discovery": {"epochs": 10, "batch_size": 250, "lr": 1e-2, "fused": True},
+        "discovery": {"epochs": 10, "batch_size": 250, "lr": 1e-2, "fused": True,
+                      "keep_best": False, "mask": {"weight_decay": 0.0}},
         "grid": [0, 25, 100, 250, 640, 1600],
         # 40 epochs and 250 validation pairs pay for the nine pipelines (60 and 500 did six in
         # the same time); the small-n cells train to the budget either way (docs/arithmetic.md).

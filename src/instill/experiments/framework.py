@@ -9,6 +9,8 @@ An experiment is a subclass of `Experiment` that declares its own logic only:
 - `cells(chosen)`: the units of parallel work, each with the files it reads and its cost;
 - `cell(unit)`: one cell, a function of its inputs that returns its record (the driver writes
   `cells/{name}.json`, so a cluster worker needs no shared filesystem);
+- optionally `cell_groups(cells)` and `cell_batch(*units)`: cells that run as one job (e.g.
+  models of one shape trained as one vmapped stack), and their records;
 - `report(chosen, cells, records)`: tables, plots and the summary.
 
 `Experiment.execute` does the rest: it checks and records the config (`RunDir.begin`), runs
@@ -31,6 +33,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from instill import devices
 from instill.errors import FileFormatError
 from instill.experiments.executors import Executor, LocalExecutor
 from instill.experiments.pipeline import Gate, run_attempts
@@ -100,6 +103,7 @@ class Experiment:
                  executor: Executor | None = None) -> None:
         self.cfg, self.log, self.threads = cfg, log, threads
         self.device = torch.device(device)
+        devices.configure(self.device, getattr(cfg, "tf32", False))
         self.executor = executor or LocalExecutor(1)
         self.run = RunDir(out)
 
@@ -117,6 +121,10 @@ class Experiment:
     def attempt(self, unit: Unit, attempt: int) -> list[Gate]:
         raise NotImplementedError
 
+    def prefetch(self, units: list[Unit]) -> None:
+        """Run the first attempt's phases of many pipelines together where that pays (e.g. as
+        vmapped stacks on a GPU), writing the files the pipelines would; nothing by default."""
+
     def complete(self, unit: Unit, attempt: int) -> None:
         """Phases the chosen attempt needs beyond its gates (none by default)."""
 
@@ -125,6 +133,14 @@ class Experiment:
 
     def cell(self, *unit: Any) -> dict[str, Any]:
         raise NotImplementedError
+
+    def cell_groups(self, cells: list[Cell]) -> list[list[Cell]]:
+        """Cells that run together as one job; each on its own by default."""
+        return [[cell] for cell in cells]
+
+    def cell_batch(self, *units: Unit) -> list[dict[str, Any]]:
+        """The records of the cells of one group, in order; one at a time by default."""
+        return [self.cell(*unit) for unit in units]
 
     def report(self, chosen: dict[Unit, dict[str, Any]], cells: list[Cell],
                records: list[dict[str, Any]]) -> dict[str, Any]:
@@ -152,6 +168,7 @@ class Experiment:
         self.run.begin(to_dict(self.cfg), self.cfg.seed, self.log, mutable=["gates"],
                        defaults=to_dict(self.config_class()))
         units = self.pipelines()
+        self.prefetch(units)
         work = [(u, self._files_under(self.pipeline_dir(u))) for u in units]
         chosen = dict(zip(units, self._map("pipeline", work, "pipelines"), strict=True))
         for unit, record in chosen.items():
@@ -170,16 +187,22 @@ class Experiment:
         return self.report(chosen, cells, records)
 
     def run_cells(self, cells: list[Cell]) -> list[dict[str, Any]]:
-        """Each cell's record: read back when finished, else computed and written here."""
+        """Each cell's record: read back when finished, else computed (alone or in its group,
+        `cell_groups`) and written here as its job finishes."""
         records = [self._finished(c) for c in cells]
-        todo = [i for i, r in enumerate(records) if r is None]
+        index = {c.name: i for i, c in enumerate(cells)}
+        groups = self.cell_groups([c for c, r in zip(cells, records, strict=True) if r is None])
 
-        def persist(k: int, record: dict[str, Any]) -> None:  # as each cell finishes
-            write_json(self.run.path(f"cells/{cells[todo[k]].name}.json"), record)
-            records[todo[k]] = record
+        def persist(k: int, batch: list[dict[str, Any]]) -> None:
+            for cell, record in zip(groups[k], batch, strict=True):
+                write_json(self.run.path(f"cells/{cell.name}.json"), record)
+                records[index[cell.name]] = record
 
-        self._map("cell", [(cells[i].unit, cells[i].inputs) for i in todo], "cells",
-                  cost=[cells[i].cost for i in todo], done=persist)
+        work = [(tuple(c.unit for c in group),
+                 tuple(dict.fromkeys(name for c in group for name in c.inputs)))
+                for group in groups]
+        self._map("cells", work, "cells", cost=[sum(c.cost for c in g) for g in groups],
+                  done=persist)
         return records  # type: ignore[return-value]
 
     def _finished(self, cell: Cell) -> dict[str, Any] | None:
@@ -270,7 +293,7 @@ def run_job(job: Job) -> Any:
                               device=job.options.get("device", "cpu"))
     experiment = _INSTANCES[key]
     result = experiment.pipeline(*job.unit) if job.kind == "pipeline" \
-        else experiment.cell(*job.unit)
+        else experiment.cell_batch(*job.unit)
     if job.files is None:
         return result
     after = _snapshot(Path(root))
