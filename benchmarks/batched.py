@@ -9,7 +9,13 @@ own data, data order and seed, fused AdamW and a validation pass after every epo
   `ArithmeticSpec(200, 7).vocab_size`, dropout 0.1, `gelu_pytorch_tanh`, answer loss) on
   640 `a^2 + a*b` sequences, batch 64, lr 1e-3, validation accuracy on 500;
 * ``resnet``: the shape-bias quick preset's ResNet (16, [16, 32, 64], [1, 1, 1]) on 256 random
-  3x32x32 images of 8 classes, batch 32, lr 2e-3, validation accuracy on 200.
+  3x32x32 images of 8 classes, batch 32, lr 2e-3, validation accuracy on 200;
+* ``paper-L2`` and ``paper-L12``: the paper preset's GPT-2 (1000 numbers, 128 dim, 4 heads,
+  dropout 0.1, whole-sequence `lm` loss) at depths 2 and 12 on 1100 sequences (the 1000
+  ambiguous pairs plus n = 100), batch 50, lr 2e-4, counter-based dropout (so both ways draw
+  the same masks), validation on 1000: an induction cell of the paper preset.
+
+`--device cuda` builds models and data on the GPU and synchronizes before reading the clock.
 
 Per round and workload, `--baseline` models train one at a time with `fit`, then K models with
 `fit_batched` for each `--k`, the order alternating between rounds. Only training is timed
@@ -52,7 +58,7 @@ class Workload:
     """How to build one model and its data, the loss, the score and the schedule."""
 
     build: Callable[[], nn.Module]
-    data: Callable[[int], list[Tensor]]
+    data: Callable[..., list[Tensor]]
     loss: Callable[[nn.Module, Any], Tensor]
     score: Callable[[nn.Module], float]
     cfg: FitConfig
@@ -72,6 +78,24 @@ def gpt2_workload(epochs: int) -> Workload:
                             n_layer=2, n_head=4, dropout=0.1, activation="gelu_pytorch_tanh"),
         data, task.loss, lambda m: task.accuracy(m, val),
         FitConfig(epochs=epochs, batch_size=64, lr=1e-3, weight_decay=0.01, fused=True))
+
+
+def paper_workload(epochs: int, layers: int, device: str) -> Workload:
+    spec = ArithmeticSpec(numbers=1000, modulus=7)
+    task, target = SequenceTask(spec, "lm"), parse("a^2 + a*b")
+
+    def data(seed: int, n: int = 1100) -> list[Tensor]:
+        a, b = sample_pairs(n, spec, torch.Generator().manual_seed(seed))
+        return [make_sequences(a, b, target, spec).to(device)]
+
+    val = data(10_000, 1000)[0]
+    return Workload(
+        lambda: build_model("gpt2", vocab_size=spec.vocab_size, n_positions=4, n_embd=128,
+                            n_layer=layers, n_head=4, dropout=0.1,
+                            activation="gelu_pytorch_tanh").to(device),
+        data, task.loss, lambda m: task.accuracy(m, val),
+        FitConfig(epochs=epochs, batch_size=50, lr=2e-4, weight_decay=0.01, fused=True,
+                  dropout_rng="counter"))
 
 
 def resnet_workload(epochs: int) -> Workload:
@@ -117,9 +141,12 @@ def starting_models(work: Workload, count: int, first_seed: int, plain: bool
 
 
 def timed(fn: Callable[[], object]) -> tuple[float, float]:
-    """Wall and CPU seconds of `fn()`."""
+    """Wall and CPU seconds of `fn()` (after the GPU, if any, has finished its work)."""
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    sync()
     wall, cpu = time.perf_counter(), time.process_time()
     fn()
+    sync()
     return time.perf_counter() - wall, time.process_time() - cpu
 
 
@@ -175,7 +202,7 @@ def measure(arch: str, work: Workload, ks: list[int], baseline: int, rounds: int
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--archs", nargs="+", default=["gpt2", "resnet"],
-                        choices=["gpt2", "resnet"])
+                        choices=["gpt2", "resnet", "paper-L2", "paper-L12"])
     parser.add_argument("--k", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--baseline", type=int, default=8,
                         help="models trained one at a time per round")
@@ -183,12 +210,15 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--plain", action="store_true", help="fresh plain models, no masks")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (paper workloads only)")
     parser.add_argument("--json", help="write the figures to this file")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     facts = machine_facts(threads=args.threads)
     print("machine: " + ", ".join(f"{k} {v}" for k, v in facts.items()))
-    builders = {"gpt2": gpt2_workload, "resnet": resnet_workload}
+    builders = {"gpt2": gpt2_workload, "resnet": resnet_workload,
+                "paper-L2": lambda e: paper_workload(e, 2, args.device),
+                "paper-L12": lambda e: paper_workload(e, 12, args.device)}
     rows = []
     for arch in args.archs:
         rows += measure(arch, builders[arch](args.epochs), args.k, args.baseline, args.rounds,
@@ -196,10 +226,10 @@ def main() -> None:
     kind = "plain models" if args.plain else "transplants"
     print(f"\n{kind}, {args.epochs} epochs, {args.threads} thread(s); median of {args.rounds} "
           "rounds; x = rate / one-at-a-time rate")
-    print(f"{'arch':<7} {'mode':<14} {'models/min':>10} {'x wall':>7} {'models/CPU min':>15} "
+    print(f"{'arch':<9} {'mode':<14} {'models/min':>10} {'x wall':>7} {'models/CPU min':>15} "
           f"{'x CPU':>6}")
     for row in rows:
-        print(f"{row['arch']:<7} {row['mode']:<14} {row['models_per_min']:>10.1f} "
+        print(f"{row['arch']:<9} {row['mode']:<14} {row['models_per_min']:>10.1f} "
               f"{row['x_wall']:>7.2f} {row['models_per_cpu_min']:>15.1f} {row['x_cpu']:>6.2f}")
     print(f"load average at the end {load_average()}")
     if args.json:

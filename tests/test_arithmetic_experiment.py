@@ -21,8 +21,9 @@ TINY = {
     "replicates": 2, "gates": OPEN_GATES, "base_samples": 100, "base_val": 30,
     "base_fit": {"epochs": 3, "batch_size": 64, "lr": 3e-3, "patience": None},
     "subtask_samples": 300, "discovery": {"epochs": 2, "batch_size": 100},
-    "grid": [0, 8], "conditions": ["subnet", "sampled", "random"],
-    "induction_fit": {"epochs": 2, "batch_size": 16}, "n_val": 20, "n_test": 30,
+    "grid": [0, 8], "conditions": ["subnet", "sampled", "random"], "densities": [None],
+    "induction_fit": {"epochs": 2, "batch_size": 16}, "induction_batch": 1, "n_val": 20,
+    "n_test": 30,
 }
 
 

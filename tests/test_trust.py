@@ -39,7 +39,7 @@ torch.set_num_threads(1)
 # Cells must outlast a Ctrl-C's delivery (tens of ms) on an idle machine.
 CONFIG = {**TINY, "replicates": 1, "grid": [0, 8, 16, 24, 32],
           "induction_fit": {"epochs": 40, "batch_size": 8}}
-CELLS = {f"L1-r0-a0-n{n}-s0.json" for n in CONFIG["grid"]}
+CELLS = {f"L1-r0-a0-n{n}-s0-{c}.json" for n in CONFIG["grid"] for c in CONFIG["conditions"]}
 BASE, SUB = "pipelines/L1-r0/a0/base.safetensors", "pipelines/L1-r0/a0/subnetwork.safetensors"
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 SRC = Path(instill.__file__).resolve().parent
@@ -209,9 +209,9 @@ def test_killed_run_resumes_to_the_same_results_without_redoing_finished_cells(r
     assert len(before) < len(finished) < len(CELLS)  # killed between cells, after new ones
     assert all(finished[n] == b for n, b in before.items())
     assert set(finished) <= CELLS  # anything else is a temp file, never read back
-    for data in finished.values():  # nothing half-written under a final name
+    for name, data in finished.items():  # nothing half-written under a final name
         rows = json.loads(data)["rows"]
-        assert [r["condition"] for r in rows] == CONFIG["conditions"]
+        assert [f"-{r['condition']}.json" for r in rows] == [name[name.rindex("-"):]]
 
     code, log = runs["resume"]
     assert code == 0, log

@@ -72,14 +72,17 @@ def _config(load_config: Callable[..., Any], preset: str | None, config_file: Pa
     return load_config(preset, file_values, parse_assignments(assignments, into=flags))
 
 
-def run_options(quick: str, paper: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """The options every experiment command shares: --preset, --config and --out."""
+def run_options(quick: str, paper: str, **more: str
+                ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """The options every experiment command shares: --preset, --config and --out. `more`
+    names a command's other presets and says what each is."""
+    others = "".join(f"; '{name}' ({what})" for name, what in more.items())
 
     def add(fn: Callable[..., Any]) -> Callable[..., Any]:
         for option in reversed([
-            click.option("--preset", type=click.Choice(["quick", "paper"]), default=None,
-                         help=f"Built-in settings: 'quick' ({quick}; the default) or 'paper' "
-                              f"({paper})."),
+            click.option("--preset", type=click.Choice(["quick", "paper", *more]), default=None,
+                         help=f"Built-in settings: 'quick' ({quick}; the default), 'paper' "
+                              f"({paper}){others}."),
             click.option("--config", "config_file",
                          type=click.Path(dir_okay=False, path_type=Path),
                          help="YAML or JSON file of config values (unknown keys are errors)."),
@@ -143,8 +146,10 @@ def main() -> None:
 
 
 @main.command()
-@run_options("9 replicate pipelines, about 14.5 minutes on a 2-core CPU",
-             "the paper's settings, GPU-sized")
+@run_options("9 replicate pipelines, subnetworks where discovery lands and at 0.05",
+             "the paper's settings, GPU-sized",
+             decide="the quick model at four densities against the same-size and the "
+                    "reference's inverse controls; about an hour on 2 cores")
 @click.option("--base", help="Base task expression, e.g. 'a + a*b'.")
 @click.option("--subtask", help="Subtask expression the subnetwork is found for, e.g. 'a*b'.")
 @click.option("--target", help="Target task expression, e.g. 'a^2 + a*b'.")

@@ -229,6 +229,8 @@ class ArithmeticRun(Experiment):
             for chunk in (reps[i:i + size] for i in range(0, len(reps), size)):
                 self._prefetch_bases(layers, chunk)
                 passed = [r for r in chunk if self.gates_allow_discovery(layers, r)]
+                if len(passed) < 2:
+                    continue
                 for target in self.cfg.densities:
                     self._prefetch_discoveries(layers, passed, target)
 
@@ -249,9 +251,11 @@ class ArithmeticRun(Experiment):
     def gates_allow_discovery(self, layers: int, replicate: int) -> bool:
         """Whether attempt 0's base model passed its gate (or gates are not enforced), so
         its pipeline goes on to discovery."""
-        base = read_json(self.run, f"{self.attempt_dir((layers, replicate), 0)}/base.json")
+        name = f"{self.attempt_dir((layers, replicate), 0)}/base.json"
+        if not self.run.exists(name):  # left to its pipeline
+            return False
         return not self.cfg.gates.enforce or \
-            base["test_accuracy"] >= self.cfg.gates.base_accuracy
+            read_json(self.run, name)["test_accuracy"] >= self.cfg.gates.base_accuracy
 
     def _prefetch_discoveries(self, layers: int, reps: list[int], target: float | None) -> None:
         names = {r: f"{self.attempt_dir((layers, r), 0)}/subnetwork{density_tag(target)}"
