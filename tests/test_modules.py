@@ -41,7 +41,7 @@ ARITH_TINY = {
     "base_fit": {"epochs": 3, "batch_size": 64, "lr": 3e-3, "patience": None},
     "subtask_samples": 300, "discovery": {"epochs": 2, "batch_size": 100},
     "grid": [0], "conditions": ["subnet"], "induction_fit": {"epochs": 1, "batch_size": 16},
-    "n_val": 20, "n_test": 30,
+    "densities": [None], "n_val": 20, "n_test": 30,
 }
 
 
