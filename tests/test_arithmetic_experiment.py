@@ -303,3 +303,25 @@ def test_stacked_base_training_and_discovery_match_each_pipelines_own(tmp_path, 
         subs = [Subnetwork.load(tmp_path / d / where / "subnetwork.safetensors")
                 for d in ("alone", "stacked")]
         assert subs[0].iou(subs[1]) > 0.99
+
+
+def test_reference_comparison_places_its_points_against_our_intervals():
+    """At the reference's task, each of its published points is inside, above or below our
+    interval over pipelines; another task gets no comparison."""
+    from instill.experiments.arithmetic_report import against_reference
+
+    cfg = load_config("paper", {"layers": [2], "grid": [0, 250, 640],
+                                "conditions": ["subnet", "sampled-inverse"]})
+    rows = [{"layers": 2, "replicate": r, "n": n, "seed": 0, "condition": c,
+             "test_accuracy": acc + 0.01 * r}
+            for r in range(3) for c, by_n in (("subnet", {0: 0.3, 250: 0.61, 640: 0.95}),
+                                               ("sampled-inverse", {0: 0.3, 250: 0.3, 640: 0.3}))
+            for n, acc in by_n.items()]
+    found = against_reference(cfg, rows)
+    where = {(p["condition"], p["n"]): p["where"] for p in found["points"]}
+    assert where == {("subnet", 250): "inside", ("subnet", 640): "below ours",
+                     ("sampled-inverse", 250): "above ours", ("sampled-inverse", 640): "above ours"}
+    gap = found["auc_gaps"][0]
+    assert gap["control"] == "sampled-inverse" and gap["reference"] == 0.05
+    assert gap["ours"]["mean_diff"] > 0.2
+    assert against_reference(load_config("quick"), rows) == {}

@@ -15,6 +15,7 @@ from collections import defaultdict
 from typing import Any
 
 from instill import stats
+from instill.experiments import arithmetic_reference as reference
 from instill.experiments import reporting
 from instill.experiments.common import CONDITIONS, at_density, base_condition, density_tag
 from instill.experiments.reporting import save_figure, table
@@ -112,6 +113,7 @@ def summarize(cfg, rows: list[dict], verify: dict, problems: list[str],
         "subnet_vs": {c: {**p.to_dict(), "decision": stats.decide(p)} for c, p in versus.items()},
         "sources": {k: {**p.to_dict(), "decision": stats.decide(p)} for k, p in sources.items()},
         "specificity": specificity(families, verify),
+        "reference": against_reference(cfg, rows),
         "gates": gates,
         "gates_overridden": sorted(u for u, g in gates.items() if g.get("overridden")),
         "subnetwork_density": {k: v["density"] for k, v in verify.items()},
@@ -349,6 +351,7 @@ def markdown(cfg, summary: dict, verify: dict, paper: dict[str, Any], ours: dict
         table(header, _paired_rows(summary["subnet_vs"], lambda k: " minus ".join(
             label(c) for c in k.split(" - ")))),
         *(specificity_section(summary) if len(cfg.densities) > 1 else []),
+        *reference_section(summary, cfg),
         "### Where the transfer comes from",
         "`-fresh` conditions re-initialize the untargeted parameters (embeddings, norms, "
         "biases) too; `embeddings only` keeps them and re-initializes every targeted weight.",
@@ -358,6 +361,54 @@ def markdown(cfg, summary: dict, verify: dict, paper: dict[str, Any], ours: dict
         ("Ambiguity problems: " + "; ".join(summary["ambiguity_problems"]))
         if summary["ambiguity_problems"] else "The ambiguous set fits every alternative.",
     ]) + "\n"
+
+
+def against_reference(cfg, rows: list[dict]) -> dict[str, Any]:
+    """Our test accuracy (95% interval over pipelines) at every (depth, condition, n) the
+    reference's figures give, and whether its value falls inside; its AUC gaps beside ours."""
+    if not reference.comparable(cfg):
+        return {}
+    points, gaps = [], []
+    for d in cfg.layers:
+        by = curves([r for r in rows if r["layers"] == d])
+        for condition, values in reference.ACCURACY.get(d, {}).items():
+            for n, theirs in values.items():
+                ours = [curve[n] for curve in by.get(condition, {}).values() if n in curve]
+                if len(ours) < 2:
+                    continue
+                got = stats.bootstrap_mean(ours)
+                where = "inside" if got.low <= theirs <= got.high else \
+                    "above ours" if theirs > got.high else "below ours"
+                points.append({"layers": d, "condition": condition, "n": n,
+                               "ours": got.to_dict(), "reference": theirs, "where": where})
+        for control, by_depth in reference.AUC_GAP.items():
+            if d in by_depth and OURS in by and control in by:
+                auc = {c: {u: stats.auc_log(v) for u, v in by[c].items()} for c in (OURS, control)}
+                gaps.append({"layers": d, "control": control, "reference": by_depth[d],
+                             "ours": _paired(auc, OURS, control).to_dict()})
+    return {"points": points, "auc_gaps": gaps}
+
+
+def reference_section(summary: dict, cfg) -> list[str]:
+    """report.md's comparison with the reference implementation's published curve."""
+    ref = summary.get("reference") or {}
+    if not ref.get("points"):
+        return []
+    inside = sum(p["where"] == "inside" for p in ref["points"])
+    rows = [[p["layers"], label(p["condition"]), p["n"], f"{stats.Interval(**p['ours']):.2f}",
+             f"{p['reference']:.2f}", p["where"]] for p in ref["points"]]
+    gap_rows = [[g["layers"], f"minus {label(g['control'])}",
+                 f"{g['ours']['mean_diff']:+.3f} [{g['ours']['low']:+.3f}, "
+                 f"{g['ours']['high']:+.3f}]", f"{g['reference']:+.2f}"] for g in ref["auc_gaps"]]
+    return ["## Against the reference implementation",
+            f"Test accuracy where the reference's figures give it (one run per depth there, so "
+            f"its values carry their own seed noise): {inside} of {len(ref['points'])} of its "
+            f"points fall inside our 95% intervals over {len(summary['units'])} pipelines.",
+            table(["depth", "condition", "n", "ours [95%]", "reference", "reference is"], rows),
+            "Subtask Induction's AUC gap to a control, ours over this run's grid "
+            f"({cfg.grid[0]}..{cfg.grid[-1]}) and the reference's over 0..6400 (so the two are "
+            "comparable in sign and size only):",
+            table(["depth", "gap", "ours [95%]", "reference"], gap_rows)]
 
 
 def specificity_section(summary: dict) -> list[str]:
