@@ -306,3 +306,26 @@ def test_each_discovery_matches_its_own_discover(extra) -> None:
             assert got["loss"] == pytest.approx(want["loss"], abs=1e-5)
             assert got["val"] == pytest.approx(want["val"], abs=1e-5)
             assert got["density"] == pytest.approx(want["density"], abs=1e-3)
+
+
+def test_stacked_validation_scores_each_model_as_its_own_evaluate_would() -> None:
+    """`score=(fn, val)` validates the whole stack in one vmapped pass: the same scores, best
+    epochs and final states as `evaluate` model by model."""
+    def accuracy(model, batch):
+        return TASK.score(model, batch)
+
+    def stack(use_score: bool) -> tuple[list, list[nn.Module]]:
+        base = gpt2(7)
+        models = [transplant(base, random_sub(base, 1), seed=3), gpt2(2)]
+        kwargs = ({"score": (accuracy, [[VAL], [VAL]])} if use_score
+                  else {"evaluate": [lambda m: TASK.accuracy(m, VAL)] * 2})
+        results = fit_batched(models, [[sequences(1)], [sequences(2)]], TASK.loss, CFG,
+                              seeds=[0, 1], **kwargs)
+        return results, models
+
+    (scored, a), (evaluated, b) = stack(True), stack(False)
+    for x, y in zip(scored, evaluated, strict=True):
+        assert [r["val"] for r in x.history] == pytest.approx([r["val"] for r in y.history])
+        assert x.best_epoch == y.best_epoch
+    for m, n in zip(a, b, strict=True):
+        assert_close_states(m, n)

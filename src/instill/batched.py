@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Any, cast
@@ -136,10 +136,15 @@ def _check(models: Sequence[nn.Module], datas: Sequence[Sequence[Tensor]], seeds
     return n
 
 
+#: A functional validation score of one model on its batch (called inside vmap).
+ScoreFn = Callable[[nn.Module, Sequence[Tensor]], Tensor]
+
+
 def fit_batched(models: Sequence[nn.Module], datas: Sequence[Sequence[Tensor]],
                 loss_fn: LossFn, cfg: FitConfig, *, seeds: Sequence[int],
                 evaluate: Sequence[EvalFn] | None = None,
                 masks: Sequence[MaskSpec] | None = None,
+                score: tuple[ScoreFn, Sequence[Sequence[Tensor]]] | None = None,
                 desc: str = "train batched") -> list[FitResult]:
     """Train `models` (same architecture, plain or transplants) together; model k as
     `fit(models[k], datas[k], loss_fn, cfg, evaluate=evaluate[k], seed=seeds[k])` would.
@@ -151,8 +156,13 @@ def fit_batched(models: Sequence[nn.Module], datas: Sequence[Sequence[Tensor]],
     generator (seed it for reproducible runs) and depend on which models share the stack.
     Each model ends in eval mode holding its best state. A NaN loss in any model raises
     TrainingError, naming it, and every model keeps its best (else current) state.
+    `score=(fn, val_datas)` validates the whole stack in one vmapped forward pass instead of
+    calling `evaluate` model by model (`fn(model, batch)` returns the score as a tensor,
+    functionally; every model's validation data must have as many examples).
     """
     n = _check(models, datas, seeds, evaluate, masks)
+    if score is not None:
+        _check(models, score[1], seeds, None, None)
     template = bake(models[0]).train()
     names = [name for name, _ in template.named_parameters()]
     buffer_names = [name for name, _ in template.named_buffers()]
@@ -162,13 +172,14 @@ def fit_batched(models: Sequence[nn.Module], datas: Sequence[Sequence[Tensor]],
             stack.enter_context(counter_dropout(template))
             keys = [f"{name}.key" for name in dropout_sites(template)]
         return _fit_stack(models, datas, loss_fn, cfg, seeds, evaluate, masks, desc, n,
-                          template, names, buffer_names, keys)
+                          template, names, buffer_names, keys, score)
 
 
 def _fit_stack(models: Sequence[nn.Module], datas: Sequence[Sequence[Tensor]], loss_fn: LossFn,
                cfg: FitConfig, seeds: Sequence[int], evaluate: Sequence[EvalFn] | None,
                masks: Sequence[MaskSpec] | None, desc: str, n: int, template: nn.Module,
-               names: list[str], buffer_names: list[str], keys: list[str]) -> list[FitResult]:
+               names: list[str], buffer_names: list[str], keys: list[str],
+               score: tuple[ScoreFn, Sequence[Sequence[Tensor]]] | None) -> list[FitResult]:
     """`fit_batched` on a prepared template; `keys` name its counter-dropout key buffers."""
     members, values, mask_rows, frozen_rows = [], [], [], []
     for k, model in enumerate(models):
@@ -223,6 +234,25 @@ def _fit_stack(models: Sequence[nn.Module], datas: Sequence[Sequence[Tensor]], l
         return loss_fn(cast(nn.Module, _Bound(template, {**weights, **b})), batch)
 
     step = vmap(grad_and_value(one_loss), randomness="different")
+    val = [torch.stack([d[t] for d in score[1]]) for t in range(len(score[1][0]))] \
+        if score is not None else []
+
+    def one_score(p: dict[str, Tensor], c: dict[str, Tensor], b: dict[str, Tensor],
+                  m: dict[str, Tensor], f: dict[str, Tensor], batch: list[Tensor]) -> Tensor:
+        weights = {**c, **p}
+        for name in m:
+            weights[name] = torch.where(m[name], f[name], weights[name])
+        return score[0](cast(nn.Module, _Bound(template, {**weights, **b})), batch)  # type: ignore[index]
+
+    def stack_scores(rows: Tensor) -> list[float]:
+        """Every active model's validation score, in one vmapped forward in eval mode."""
+        template.eval()
+        try:
+            with torch.no_grad(), sdpa_kernel([SDPBackend.MATH]):
+                return vmap(one_score)(params, consts, bufs, mask_st, frozen_st,
+                                       [t[rows.to(t.device)] for t in val]).tolist()
+        finally:
+            template.train()
     optimizer = make_optimizer(list(params.values()), cfg)
     active = list(range(len(models)))  # model index of each row of the stacks
     finished: dict[int, dict[str, Tensor]] = {}
@@ -259,18 +289,22 @@ def _fit_stack(models: Sequence[nn.Module], datas: Sequence[Sequence[Tensor]], l
                 for j, value in enumerate(losses.tolist()):
                     totals[j] += value * len(idx[j])
             last = epoch == cfg.epochs - 1
-            due = evaluate is not None and (epoch % cfg.eval_every == cfg.eval_every - 1 or last)
+            due = (evaluate is not None or score is not None) and (
+                epoch % cfg.eval_every == cfg.eval_every - 1 or last)
+            scores = stack_scores(rows) if due and score is not None else None
             stops = []
             for j, i in enumerate(active):
                 member, row = members[i], {"epoch": epoch, "loss": totals[j] / n}
                 if due:
-                    member.write(row_state(j, clone=False))
-                    member.model.eval()
-                    row["val"] = score = evaluate[i](member.model)  # type: ignore[index]
-                    reached = cfg.stop_at is not None and score >= cfg.stop_at
+                    if scores is None:
+                        member.write(row_state(j, clone=False))
+                        member.model.eval()
+                    row["val"] = value = scores[j] if scores is not None else \
+                        evaluate[i](member.model)  # type: ignore[index]
+                    reached = cfg.stop_at is not None and value >= cfg.stop_at
                     member.settled = member.settled + 1 if reached else 0
-                    if score > member.result.best_score:
-                        member.result.best_score, member.result.best_epoch = score, epoch
+                    if value > member.result.best_score:
+                        member.result.best_score, member.result.best_epoch = value, epoch
                         member.best, member.stale = row_state(j), 0
                     else:
                         member.stale += 1
@@ -293,7 +327,7 @@ def _fit_stack(models: Sequence[nn.Module], datas: Sequence[Sequence[Tensor]], l
             member.write(finished[i])
             member.model.eval()
     for member in members:
-        if evaluate is None:
+        if evaluate is None and score is None:
             member.result.best_epoch = len(member.result.history) - 1
     return [member.result for member in members]
 

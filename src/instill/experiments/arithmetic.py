@@ -241,9 +241,9 @@ class ArithmeticRun(Experiment):
             return
         jobs = [self._base_job(layers, r, 0) for r in todo]
         torch.manual_seed(jobs[0][1])  # torch dropout draws for the whole stack
-        evaluate = [lambda m, v=job[2][1]: self.task.accuracy(m, v) for job in jobs]
         results = fit_batched([j[0] for j in jobs], [[j[2][0]] for j in jobs], self.task.loss,
-                              self.cfg.base_fit, seeds=[j[1] for j in jobs], evaluate=evaluate,
+                              self.cfg.base_fit, seeds=[j[1] for j in jobs],
+                              score=(self.task.score, [[j[2][1]] for j in jobs]),
                               desc=f"{len(jobs)} base models, L{layers}")
         for r, (model, seed, data), result in zip(todo, jobs, results, strict=True):
             self._save_base(layers, r, 0, model, seed, data[2], result)
@@ -386,7 +386,8 @@ class ArithmeticRun(Experiment):
         torch.manual_seed(jobs[0].seed)  # torch dropout draws for the whole stack
         results = fit_batched([j.model for j in jobs], [[j.train] for j in jobs],
                               self.task.loss, self.cfg.induction_fit,
-                              seeds=[j.seed for j in jobs], evaluate=[j.evaluate for j in jobs],
+                              seeds=[j.seed for j in jobs],
+                              score=(self.task.score, [[j.val] for j in jobs]),
                               desc=f"{len(jobs)} models, L{units[0][0]} n={units[0][3]}")
         return [self._record(j, r) for j, r in zip(jobs, results, strict=True)]
 

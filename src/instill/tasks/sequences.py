@@ -39,3 +39,9 @@ class SequenceTask:
 
     def accuracy(self, model: nn.Module, seqs: Tensor) -> float:
         return (self.predict(model, seqs) == seqs[:, 3]).float().mean().item()
+
+    def score(self, model: nn.Module, batch: Sequence[Tensor]) -> Tensor:
+        """`accuracy` as a tensor, functionally (for a vmapped stack of models)."""
+        (seqs,) = batch
+        logits = logits_of(model(input_ids=seqs[:, :3], logits_to_keep=1))[:, -1]
+        return (logits.argmax(-1) == seqs[:, 3]).float().mean()
