@@ -4,8 +4,9 @@ Runs a small arithmetic experiment (the quick preset's model, 3 pipelines, grid 
 conditions; counter-based dropout everywhere) into `OUT/alone` with every model trained on its
 own and into `OUT/stacked` with base models, discoveries and cells trained as vmapped stacks,
 then compares what each model recorded: validation and test accuracy and best epoch of every
-cell, the base models' histories, and the overlap (IoU) of the subnetworks. Prints one line per
-check and writes `OUT/agreement.json`.
+cell, the base models' histories, and the overlap (IoU) of the subnetworks; and reruns the
+stacked run into `OUT/again` to check that a rerun is bit-identical (`results.csv`). Prints one
+line per check and writes `OUT/agreement.json`.
 
     python benchmarks/device_agreement.py --device cuda --out DIR
 """
@@ -68,16 +69,19 @@ def main() -> None:
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--smoke", action="store_true", help="tiny settings (a script check)")
     args = parser.parse_args()
-    walls = {name: run(args.out / name, args.device, name == "stacked", args.smoke)
-             for name in ("alone", "stacked")}
+    walls = {name: run(args.out / name, args.device, name != "alone", args.smoke)
+             for name in ("alone", "stacked", "again")}
     result = {"device": args.device, "walls_s": walls, **compare(args.out / "alone",
-                                                                 args.out / "stacked")}
+                                                                 args.out / "stacked"),
+              "rerun_identical": (args.out / "stacked/results.csv").read_bytes()
+              == (args.out / "again/results.csv").read_bytes()}
     cells = result["cells"]
     print(f"agreement on {args.device}: {cells['best_epoch_equal']}/{cells['rows']} cells with "
           f"the same best epoch; max |val diff| {cells['max_val_diff']:.2e}, max |test diff| "
           f"{cells['max_test_diff']:.2e}; base loss histories within "
           f"{result['base_max_loss_diff']:.2e}; subnetwork IoU >= "
-          f"{result['subnetwork_iou_min']:.4f}; wall {walls['alone']:.0f} s one at a time, "
+          f"{result['subnetwork_iou_min']:.4f}; stacked rerun bit-identical: "
+          f"{result['rerun_identical']}; wall {walls['alone']:.0f} s one at a time, "
           f"{walls['stacked']:.0f} s stacked")
     (args.out / "agreement.json").write_text(json.dumps(result, indent=2))
 

@@ -16,7 +16,7 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:?set OUT to the directory for the results}
 PY=${PY:-python3}
 DEVICE=${DEVICE:-cuda}
-SLICE_S=${SLICE_S:-240}
+SLICE_S=${SLICE_S:-210}
 export PYTHONPATH="$PWD/src:$PWD/benchmarks${PYTHONPATH:+:$PYTHONPATH}"
 mkdir -p "$OUT"
 AGREE=() THROUGH=(--k 1 16 64 256 --baseline 4 --epochs 2) SLICE=()
@@ -46,7 +46,7 @@ transformers.__version__, torch.cuda.get_device_name(0) if torch.cuda.is_availab
 } > "$OUT/machine.txt" 2>&1
 step agreement 120 $PY benchmarks/device_agreement.py --device "$DEVICE" \
   --out "$OUT/agreement" "${AGREE[@]}"
-step throughput 150 $PY benchmarks/batched.py --archs paper-L2 paper-L12 "${THROUGH[@]}" \
+step throughput 120 $PY benchmarks/batched.py --archs paper-L2 paper-L12 "${THROUGH[@]}" \
   --rounds 1 --device "$DEVICE" --json "$OUT/throughput.json"
 # The slice is stopped by its limit on purpose when the device is slow: the projection uses
 # the stacks that finished (each grid point's 9 models train a fixed 100 epochs).
@@ -55,5 +55,5 @@ step slice "$SLICE_S" $PY -m instill arithmetic --preset paper --layers 2 --repl
   --set activation=gelu_pytorch_tanh --set base_fit.fused=true --set discovery.fused=true \
   --set induction_fit.fused=true --set base_fit.dropout_rng=counter \
   --set induction_fit.dropout_rng=counter "${SLICE[@]}" --out "$OUT/slice"
-step projection 60 $PY benchmarks/project_paper.py "$OUT/slice" "$OUT/throughput.json" \
+step projection 30 $PY benchmarks/project_paper.py "$OUT/slice" "$OUT/throughput.json" \
   --json "$OUT/projection.json"
