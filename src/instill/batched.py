@@ -275,7 +275,10 @@ def _fit_stack(models: Sequence[nn.Module], datas: Sequence[Sequence[Tensor]], l
                     step_keys = torch.tensor([step_key(seeds[i], epoch * len(orders[0]) + s)
                                               for i in active], device=data[0].device)
                     keyed |= dict.fromkeys(keys, step_keys)
-                with sdpa_kernel([SDPBackend.MATH]):  # SDPA's fused CPU kernels lack vmap rules
+                # torch.func takes its own gradients; outside no_grad the stack's weights would
+                # also record a graph of them, and `.grad` would hold it in a reference cycle
+                # that Python's collector cannot see (a stack's worth of memory per step)
+                with torch.no_grad(), sdpa_kernel([SDPBackend.MATH]):  # fused SDPA: no vmap
                     grads, losses = step(params, consts, keyed, mask_st, frozen_st, batch)
                 bad = (~torch.isfinite(losses)).nonzero().flatten().tolist()
                 if bad:
@@ -419,7 +422,7 @@ def _discover_stack(masked: list, template: nn.Module, weights: list[dict[str, T
         for s, idx in enumerate(zip(*orders, strict=True)):
             pick = torch.stack(idx)
             batch = [t[rows[:, None], pick] for t in data]
-            with sdpa_kernel([SDPBackend.MATH]):
+            with torch.no_grad(), sdpa_kernel([SDPBackend.MATH]):  # as in `_fit_stack`
                 grads, losses = step(logits, consts, bufs, batch, temperature)
             bad = (~torch.isfinite(losses)).nonzero().flatten().tolist()
             if bad:
