@@ -243,7 +243,7 @@ def test_density_axis_runs_mask_conditions_once_per_density(tmp_path):
     assert set(summary["subnet_vs"]) == {"sampled", "sampled-inverse", "random",
                                          "subnet@0.2 - sampled@0.2",
                                          "subnet@0.2 - sampled-inverse@0.2", "subnet@0.2 - random"}
-    assert "at density 0.20 (target)" in summary["headline"]
+    assert "At density 0.20 (target), Subtask Induction" in summary["headline"]
     report = (tmp_path / "report.md").read_text()
     assert "## Specificity over density" in report and (tmp_path / "specificity.png").is_file()
 

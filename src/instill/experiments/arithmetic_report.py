@@ -169,9 +169,9 @@ def headline(cfg, conditions: dict, families: dict[float | None, dict[str, stats
                 f"{label(c)} ({p.mean_diff:+.2f} [{p.low:+.2f}, {p.high:+.2f}])")
         reach = ours["median_samples_to_threshold"]
         where = "" if len(families) == 1 else (
-            f" at density {measured_density(verify, t).mean:.2f}"
-            + (" (where discovery lands)" if t is None else " (target)"))
-        parts = [f"Subtask Induction's data-efficiency AUC on `{cfg.target}`{where} is "
+            f"at density {measured_density(verify, t).mean:.2f} "
+            + ("(where discovery lands), " if t is None else "(target), "))
+        parts = [f"{where}Subtask Induction's data-efficiency AUC on `{cfg.target}` is "
                  f"{stats.Interval(**ours['auc'])}"
                  + (f" (median {reach:g} samples to {cfg.threshold})" if reach is not None
                     else f" (it never reaches {cfg.threshold} in {ours['never']} of {units})")]
@@ -180,7 +180,7 @@ def headline(cfg, conditions: dict, families: dict[float | None, dict[str, stats
                 parts.append(f"{said[decision]} {', '.join(groups[decision])}")
         clauses.append("; ".join(parts))
     return (prefix + f"Over {units} independent pipelines (depths {cfg.layers}), "
-            + ". At ".join(clauses)
+            + ". ".join([clauses[0], *(c[0].upper() + c[1:] for c in clauses[1:])])
             + " (paired AUC differences, 95% intervals, Holm-corrected"
             + (" within each density)." if len(families) > 1 else ")."))
 
