@@ -65,17 +65,18 @@ def mixture_entropy(seq: TaskSequence, batch: Data) -> Callable[[nn.Module, Tens
 def inferred_accuracy(model: nn.Module, seq: TaskSequence, masks: list[Subnetwork],
                       data: Data, task: int, batch_size: int) -> tuple[float, float]:
     """Accuracy on task `task`'s `data` with the task inferred per batch among `masks`, and
-    the share of images whose task was inferred right. A prediction is the class the inferred
-    task's output stands for, so it is right only if that class is the image's."""
+    the share of images whose task was inferred right. As in SupSup's code, a batch whose
+    task is inferred wrong counts as wrong, even where tasks share their classes."""
     model.eval()
     hits = right = 0
     for batch in zip(*(d.split(batch_size) for d in data), strict=True):
         guess = infer_task(model, masks, mixture_entropy(seq, batch))
+        if guess != task:
+            continue
         with torch.no_grad(), apply_subnetwork(model, masks[guess], "keep") as view:
             out = seq.outputs(view, batch)
-        predicted = out.classes[guess][out.logits[:, guess].argmax(1)]
-        hits += int((predicted == out.target).sum())
-        right += len(out.target) * (guess == task)
+        hits += int((out.logits[:, guess].argmax(1) == out.labels).sum())
+        right += len(out.labels)
     return hits / len(data[0]), right / len(data[0])
 
 

@@ -92,12 +92,10 @@ Data = tuple[Tensor, ...]  # the tensors of one data set, batched along dim 0 to
 @dataclass(frozen=True)
 class TaskOutputs:
     """Every task's head on the same inputs, for inferring the task (SupSup): `logits`
-    [n, tasks, width]; `classes` [tasks, width], the class each output stands for (tasks of
-    permuted data share classes, split tasks do not); `target` [n], each row's class."""
+    [n, tasks, width], and each row's label in its own task's head ([n])."""
 
     logits: Tensor
-    classes: Tensor
-    target: Tensor
+    labels: Tensor
 
 
 class TaskSequence(Protocol):
