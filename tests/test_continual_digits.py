@@ -10,9 +10,11 @@ import json
 import numpy as np
 import pytest
 import torch
+from click.testing import CliRunner
 from PIL import Image
 from torch import nn
 
+from instill.cli import main
 from instill.core import Subnetwork
 from instill.core.supermasks import infer_task, superpose
 from instill.errors import ConfigError
@@ -133,6 +135,18 @@ def test_bad_digit_settings_are_config_errors():
         DigitSequenceConfig(test_fraction=0.9)
     with pytest.raises(ConfigError, match=r"supsup\.keep"):
         load_config("quick", None, {"task": "digits-split", "supsup": {"keep": 1.0}})
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--set", "digits.image_dir=/no/such/folder"], "image folder '/no/such/folder' does not"),
+    (["--set", "digits.groups=[[0,1],[2,3,4]]"], "same size"),
+    (["--methods", "supsup,supsup@0.5"], "only after packnet")])
+def test_bad_digit_options_print_one_line_and_write_nothing(tmp_path, args, message):
+    out = tmp_path / "run"
+    result = CliRunner().invoke(main, ["continual", "--task", "digits-split", "--out", str(out),
+                                       "--workers", "1", *args])
+    assert result.exit_code == 2 and message in result.output
+    assert "Traceback" not in result.output and not out.exists()
 
 
 @pytest.fixture(scope="module")

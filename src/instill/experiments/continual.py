@@ -72,8 +72,8 @@ class ContinualRun(Experiment):
     config_class = ContinualConfig
 
     def __init__(self, cfg: ContinualConfig, out: str | Path, log=print, **options: Any) -> None:
-        super().__init__(cfg, out, log, **options)
-        self.seq = cfg.task_sequence(self.device)
+        self.seq = cfg.task_sequence(options.get("device", "cpu"))  # bad data or an image
+        super().__init__(cfg, out, log, **options)  # folder fails before the run dir is made
         mask = allocation_mask(cfg.discovery.mask, self.seq)
         self.discovery = replace(cfg.discovery, mask=mask)
         self.targets = (mask.targets, mask.exclude, mask.mask_bias)
