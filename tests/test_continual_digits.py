@@ -20,6 +20,7 @@ from instill.core.supermasks import infer_task, superpose
 from instill.errors import ConfigError
 from instill.experiments.continual import ContinualRun, load_config, run_continual
 from instill.experiments.continual_report import transfer
+from instill.experiments.continual_supsup import split_heads
 from instill.tasks.digit_sequences import DigitSequence, DigitSequenceConfig
 
 torch.set_num_threads(1)
@@ -187,3 +188,8 @@ def test_supsup_never_moves_a_weight_and_its_masks_keep_the_chosen_fraction(tiny
         assert any(n.startswith("heads.") for n in mask.masks)  # the heads are masked too
     assert not torch.equal(run.mask(where, 0).masks["backbone.0.weight"],
                            run.mask(where, 1).masks["backbone.0.weight"])
+    body, heads = split_heads([run.mask(where, 0), run.mask(where, 1)], run.seq)
+    assert body[0].masks and not any(n.startswith("heads.") for n in body[0].masks)
+    for t in range(2):  # in the superposition each head keeps its own task's mask
+        assert torch.equal(heads.masks[f"heads.{t}.weight"],
+                           run.mask(where, t).masks[f"heads.{t}.weight"])

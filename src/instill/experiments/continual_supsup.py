@@ -62,6 +62,23 @@ def mixture_entropy(seq: TaskSequence, batch: Data) -> Callable[[nn.Module, Tens
     return entropy
 
 
+def split_heads(masks: list[Subnetwork], seq: TaskSequence) -> tuple[list[Subnetwork],
+                                                                      Subnetwork]:
+    """The masks without the per-task heads (to superpose), and every learnt task's head under
+    its own mask (applied as it is): head i is task i's output, weighed by `alpha_i` in the
+    mixture, so it must not be mixed with the other tasks' masks of it."""
+    def head_of(name: str) -> int | None:
+        return next((i for i in range(len(masks)) for h in seq.heads(i)
+                     if name.startswith(h + ".")), None)
+
+    owner = {name: head_of(name) for name in masks[0].masks}
+    body = [Subnetwork({n: m for n, m in sub.masks.items() if owner[n] is None},
+                       dict(sub.fingerprint)) for sub in masks]
+    heads = Subnetwork({n: masks[i].masks[n] for n, i in owner.items() if i is not None},
+                       dict(masks[0].fingerprint))
+    return body, heads
+
+
 def inferred_accuracy(model: nn.Module, seq: TaskSequence, masks: list[Subnetwork],
                       data: Data, task: int, batch_size: int) -> tuple[float, float]:
     """Accuracy on task `task`'s `data` with the task inferred per batch among `masks`, and
@@ -69,8 +86,10 @@ def inferred_accuracy(model: nn.Module, seq: TaskSequence, masks: list[Subnetwor
     task is inferred wrong counts as wrong, even where tasks share their classes."""
     model.eval()
     hits = right = 0
+    body, heads = split_heads(masks, seq)
     for batch in zip(*(d.split(batch_size) for d in data), strict=True):
-        guess = infer_task(model, masks, mixture_entropy(seq, batch))
+        with apply_subnetwork(model, heads, "keep"):
+            guess = infer_task(model, body, mixture_entropy(seq, batch))
         if guess != task:
             continue
         with torch.no_grad(), apply_subnetwork(model, masks[guess], "keep") as view:
@@ -80,5 +99,5 @@ def inferred_accuracy(model: nn.Module, seq: TaskSequence, masks: list[Subnetwor
     return hits / len(data[0]), right / len(data[0])
 
 
-__all__ = ["inferred_accuracy", "masked_accuracy", "mixture_entropy", "supermask_config",
-           "train_supermask", "untrained_mask"]
+__all__ = ["inferred_accuracy", "masked_accuracy", "mixture_entropy", "split_heads",
+           "supermask_config", "train_supermask", "untrained_mask"]
