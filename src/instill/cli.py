@@ -313,7 +313,7 @@ def meanpool(in_dir, out_dir, method, segments) -> None:
 @main.command()
 @run_options("5 replicates of 7 methods on 4 tasks, shapes with a PackNet sweep too, digits "
              "(5 tasks) with packnet@0.1 and supsup; about 12 (arithmetic) or 4 (shapes) "
-             "minutes on 2 idle cores, digits 95 (split) or 420 (permuted) CPU-seconds",
+             "minutes on 2 idle cores, digits under 150 (split) or 680 (permuted) CPU-seconds",
              "8 replicates, every method, longer training")
 @click.option("--task", type=click.Choice(["arithmetic", "shapes", "digits-split",
                                            "digits-permuted"]),
