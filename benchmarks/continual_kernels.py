@@ -53,17 +53,21 @@ def main() -> int:
     same = {k: v.split(" (")[0] == str(db.get(k)).split(" (")[0] for k, v in da.items()}
     for key, value in da.items():
         print(f"| {key} | {value} | {db.get(key)} | {'yes' if same[key] else 'NO'} |")
-    print(f"\n| method | {args.a.name} final accuracy | {args.b.name} final accuracy |\n"
-          "|---|---|---|")
-    for method in methods:
-        print(f"| {method} | {final(args.a, method)} | {final(args.b, method)} |")
+    for key, label in METRICS:
+        print(f"\n| method | {args.a.name} {label} | {args.b.name} {label} |\n|---|---|---|")
+        for method in methods:
+            print(f"| {method} | {final(args.a, method, key)} | {final(args.b, method, key)} |")
     return 0 if all(same.values()) else 1
 
 
-def final(run: Path, method: str) -> str:
-    """The average final accuracy of `method` in `run` as 'mean [low, high]'."""
-    e = json.loads((run / "summary.json").read_text())["methods"][method]["final_accuracy"]
-    return f"{e['mean']:.3f} [{e['low']:.3f}, {e['high']:.3f}]"
+METRICS = [("final_accuracy", "ACC (final accuracy)"), ("bwt", "BWT"), ("fwt", "FWT"),
+           ("acc_inferred", "ACC, task inferred")]
+
+
+def final(run: Path, method: str, key: str = "final_accuracy") -> str:
+    """A metric of `method` in `run` as 'mean [low, high]' ('n/a' where it has none)."""
+    e = json.loads((run / "summary.json").read_text())["methods"][method].get(key)
+    return "n/a" if not e else f"{e['mean']:.3f} [{e['low']:.3f}, {e['high']:.3f}]"
 
 
 if __name__ == "__main__":

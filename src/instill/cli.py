@@ -334,17 +334,22 @@ def meanpool(in_dir, out_dir, method, segments) -> None:
 
 
 @main.command()
-@run_options("5 replicates of 7 methods on 4 tasks, shapes with a PackNet sweep too; about "
-             "12 (arithmetic) or 4 (shapes) minutes on 2 idle cores",
+@run_options("5 replicates of 7 methods on 4 tasks, shapes with a PackNet sweep too, digits "
+             "(5 tasks) with packnet@0.1 and supsup; about 12 (arithmetic) or 4 (shapes) "
+             "minutes on 2 idle cores, digits under 150 (split) or 680 (permuted) CPU-seconds",
              "8 replicates, every method, longer training")
-@click.option("--task", type=click.Choice(["arithmetic", "shapes"]),
-              help="Task sequence: arithmetic expressions with a task token (default), or the "
-                   "shape world split into class groups (shapes.groups) with a head per task.")
+@click.option("--task", type=click.Choice(["arithmetic", "shapes", "digits-split",
+                                           "digits-permuted"]),
+              help="Task sequence: arithmetic expressions with a task token (default), the "
+                   "shape world split into class groups (shapes.groups) with a head per task, "
+                   "or real handwritten digits (scikit-learn's, or digits.image_dir) split into "
+                   "class pairs or pixel-permuted, with a head per task.")
 @click.option("--sequence", help="Semicolon-separated task expressions, e.g. 'a + b;a*b' "
                                  "(arithmetic only).")
 @click.option("--methods", help="Comma-separated subset of subnetwork,subnetwork-reinit,packnet,"
-                                "packnet-reinit,finetune,replay,joint,independent; packnet@F "
-                                "(e.g. packnet@0.1) keeps fraction F of the free weights.")
+                                "packnet-reinit,finetune,replay,joint,independent,supsup; "
+                                "packnet@F (e.g. packnet@0.1) keeps fraction F of the free "
+                                "weights.")
 @click.option("--replicates", type=int, help="Independent replicates (initial model, seeds).")
 @click.option("--seed", type=int, help="Base random seed.")
 @compute_options
@@ -352,7 +357,7 @@ def meanpool(in_dir, out_dir, method, segments) -> None:
 def continual(preset, config_file, out, assignments, threads, workers, device, executor,
               address, **flags) -> None:
     """Continual learning: isolate each task's discovered subnetwork; compare with PackNet,
-    fine-tuning and joint training."""
+    SupSup, fine-tuning, replay and joint training (ACC, BWT, FWT, forgetting, capacity)."""
     from instill.experiments.continual import load_config, run_continual
 
     sequence = flags["sequence"]

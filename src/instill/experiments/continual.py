@@ -15,6 +15,9 @@ every method on the same data, the same initial model and the same training budg
   the task's data plus a small buffer of earlier tasks' examples; `joint`: all tasks at once
   (the upper bound); `independent`: each task from the initial model alone (the reference of
   forward transfer).
+- `supsup` (Wortsman et al. 2020): the initial model stays fixed and each task learns a top-k
+  supermask over it; evaluated with the task given, and with the task inferred from the
+  output entropy of the masks' superposition (`continual_supsup`).
 
 Pipelines are (replicate, method); each (method, task) step is cached in the run directory, so
 an interrupted run resumes per step. Cells read the steps' records back as rows for the report.
@@ -30,7 +33,7 @@ import torch
 from torch import nn
 
 from instill.checkpoint import load_model, save_model
-from instill.core import bake
+from instill.core import Subnetwork, bake
 from instill.core.isolation import Allocation, CapacityError, isolate, packnet_prune, task_view
 from instill.errors import FileFormatError
 from instill.experiments.continual_config import (
@@ -46,6 +49,12 @@ from instill.experiments.continual_steps import (
     keep_free_values,
     replay_data,
     train_heads,
+)
+from instill.experiments.continual_supsup import (
+    inferred_accuracy,
+    masked_accuracy,
+    train_supermask,
+    untrained_mask,
 )
 from instill.experiments.executors import Executor, LocalExecutor
 from instill.experiments.framework import Cell, Experiment, once, read_json, unusable
@@ -63,8 +72,8 @@ class ContinualRun(Experiment):
     config_class = ContinualConfig
 
     def __init__(self, cfg: ContinualConfig, out: str | Path, log=print, **options: Any) -> None:
-        super().__init__(cfg, out, log, **options)
-        self.seq = cfg.task_sequence(self.device)
+        self.seq = cfg.task_sequence(options.get("device", "cpu"))  # bad data or an image
+        super().__init__(cfg, out, log, **options)  # folder fails before the run dir is made
         mask = allocation_mask(cfg.discovery.mask, self.seq)
         self.discovery = replace(cfg.discovery, mask=mask)
         self.targets = (mask.targets, mask.exclude, mask.mask_bias)
@@ -123,6 +132,8 @@ class ContinualRun(Experiment):
             names = [f"{where}/task{t}.json", f"{where}/task{t}.safetensors"]
             if parse_method(method).base in ISOLATION:
                 names.append(f"{where}/alloc{t}.safetensors")
+            elif method == "supsup":
+                names.append(f"{where}/mask{t}.safetensors")
             once(self.run, names, lambda t=t: self.step(replicate, method, attempt, t, where))
             record = read_json(self.run, f"{where}/task{t}.json", "retrain it")
             if method == "independent":  # a reference, not gated: a task it cannot learn
@@ -142,11 +153,17 @@ class ContinualRun(Experiment):
         torch.manual_seed(seed)
         record: dict[str, Any] = {"method": method, "replicate": replicate, "task": t,
                                   "seed": seed}
-        if parse_method(method).base in ISOLATION:
+        if t == self.steps(method)[0]:  # the random-init reference of forward transfer (FWT)
+            initial = self.initial(replicate, attempt)
+            record["initial"] = [self.accuracy(initial, i) for i in range(self.n_tasks)]
+        if method == "supsup":
+            final = self.supsup_step(replicate, attempt, t, where, record)
+        elif parse_method(method).base in ISOLATION:
             final, alloc = self.isolation_step(replicate, method, attempt, t, where, record)
+            record["accuracy"] = [self.accuracy(final, i, alloc) for i in range(self.n_tasks)]
         else:
-            final, alloc = self.plain_step(replicate, method, attempt, t, where, record), None
-        record["accuracy"] = [self.accuracy(final, i, alloc) for i in range(self.n_tasks)]
+            final = self.plain_step(replicate, method, attempt, t, where, record)
+            record["accuracy"] = [self.accuracy(final, i) for i in range(self.n_tasks)]
         save_model(self.run.path(f"{where}/task{t}.safetensors"), final,
                    {"method": method, "task": str(t)})
         write_json(self.run.path(f"{where}/task{t}.json"), record)
@@ -220,6 +237,37 @@ class ContinualRun(Experiment):
         alloc.save(self.run.path(f"{where}/alloc{t}.safetensors"))
         return final, alloc
 
+    def supsup_step(self, replicate: int, attempt: int, t: int, where: str,
+                    record: dict[str, Any]) -> nn.Module:
+        """Learn task t's supermask over the fixed initial model; evaluate every task with its
+        own mask (an untrained one for tasks not learnt yet), and tasks <= t with the task
+        inferred among the t + 1 masks."""
+        model, cfg, tasks = self.initial(replicate, attempt), self.cfg.supsup, range(self.n_tasks)
+        masks = [self.mask(where, i) for i in range(t)]
+        masks.append(train_supermask(model, self.seq, t, cfg.keep, cfg.fit, record["seed"],
+                                     f"supsup r{replicate} task {t}"))
+        masks[t].save(self.run.path(f"{where}/mask{t}.safetensors"))
+        views = masks + [untrained_mask(model, cfg.keep)] * (self.n_tasks - t - 1)
+        record["trained"] = [masked_accuracy(model, self.seq, views[i], self.seq.select(i))
+                             for i in tasks]
+        record["accuracy"] = [masked_accuracy(model, self.seq, views[i], self.seq.test(i))
+                              for i in tasks]
+        record["best_epoch"] = None
+        probe = tuple(d[:1] for d in self.seq.test(0))
+        if self.seq.outputs(model, probe) is not None:  # the sequence's tasks can be inferred
+            found = [inferred_accuracy(model, self.seq, masks, self.seq.test(i), i,
+                                       cfg.infer_batch) for i in range(t + 1)]
+            record["inferred"] = [a for a, _ in found]
+            record["task_inferred"] = [r for _, r in found]
+        return model
+
+    def mask(self, where: str, task: int) -> Subnetwork:
+        path = self.run.path(f"{where}/mask{task}.safetensors")
+        try:
+            return Subnetwork.load(path)
+        except FileFormatError as err:
+            raise unusable(err, path, "retrain it") from None
+
     # -- cells and report --------------------------------------------------------------------
     def cells(self, chosen: dict[tuple, dict[str, Any]]) -> list[Cell]:
         out = []
@@ -232,15 +280,21 @@ class ContinualRun(Experiment):
     def cell(self, replicate: int, method: str, attempt: int) -> dict[str, Any]:
         """The accuracy matrix rows of one (replicate, method): task i after training task j."""
         where, rows = self.attempt_dir((replicate, method), attempt), []
+        first = read_json(self.run, f"{where}/task{self.steps(method)[0]}.json", "retrain it")
+        initial = first.get("initial")  # absent in runs recorded before FWT was measured
         for j in self.steps(method):
             record = read_json(self.run, f"{where}/task{j}.json", "retrain it")
             cap = record.get("capacity", {})
+            inferred, right = record.get("inferred", []), record.get("task_inferred", [])
             for i, acc in enumerate(record["accuracy"]):
                 rows.append({"replicate": replicate, "method": method, "after": j, "task": i,
                              "task_name": self.seq.names[i], "accuracy": acc,
                              "trained_accuracy": record["trained"][i] if i == j else None,
                              "density": cap.get("density") if i == j else None,
-                             "free_fraction": cap.get("free_fraction")})
+                             "free_fraction": cap.get("free_fraction"),
+                             "initial_accuracy": initial[i] if initial else None,
+                             "inferred_accuracy": inferred[i] if i < len(inferred) else None,
+                             "task_inferred": right[i] if i < len(right) else None})
         return {"rows": rows}
 
     def report(self, chosen: dict[tuple, dict[str, Any]], cells: list[Cell],

@@ -11,15 +11,17 @@ from instill.errors import ConfigError, ExpressionError
 from instill.experiments.common import layered_config, merge
 from instill.experiments.pipeline import GatePolicy
 from instill.models import check_activation, check_heads
+from instill.tasks.digit_sequences import DigitSequence, DigitSequenceConfig
 from instill.tasks.expr import parse
 from instill.tasks.shape_sequences import ShapeSequence, ShapeSequenceConfig
 from instill.tasks.task_sequences import ArithmeticSequence, TaskSequence, TaskTokenSpec
 from instill.training import DiscoveryConfig, FitConfig
 
-METHODS = ("subnetwork", "subnetwork-reinit", "packnet", "packnet-reinit", "finetune", "replay",
-           "joint", "independent")
+DEFAULT_METHODS = ("subnetwork", "subnetwork-reinit", "packnet", "packnet-reinit", "finetune",
+                   "replay", "joint", "independent")
+METHODS = (*DEFAULT_METHODS, "supsup")
 ISOLATION = ("subnetwork", "packnet")
-TASKS = ("arithmetic", "shapes")
+TASKS = ("arithmetic", "shapes", "digits-split", "digits-permuted")
 
 
 @dataclass(frozen=True)
@@ -50,6 +52,22 @@ def parse_method(name: str) -> Method:
 
 
 @dataclass
+class SupSupConfig:
+    """SupSup: the kept fraction of every supermask, the training of its scores, and how many
+    test images of one task each one-shot task inference sees."""
+
+    keep: float = 0.5  # edge-popup's best fraction of a random network (Ramanujan et al. 2020)
+    infer_batch: int = 16  # images per inference (SupSup infers the task of a batch)
+    fit: FitConfig = field(default_factory=lambda: FitConfig(
+        epochs=40, batch_size=64, lr=3e-3, weight_decay=0.0, patience=8, fused=True))
+
+    def __post_init__(self) -> None:
+        if not 0 < self.keep < 1 or self.infer_batch < 1:
+            raise ConfigError(f"supsup.keep must be in (0, 1) and supsup.infer_batch >= 1, got "
+                              f"{self.keep}, {self.infer_batch}")
+
+
+@dataclass
 class ContinualGates(GatePolicy):
     """Each task must be learnt by its own training before the sequence goes on."""
 
@@ -66,7 +84,8 @@ class ContinualConfig:
     modulus: int = 11
     repeat: int = 16  # copies of the numbers^2 pairs in one training epoch
     shapes: ShapeSequenceConfig = field(default_factory=ShapeSequenceConfig)  # task=shapes
-    methods: list[str] = field(default_factory=lambda: list(METHODS))
+    digits: DigitSequenceConfig = field(default_factory=DigitSequenceConfig)  # task=digits-*
+    methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS))
     packnet_keep: float = 0.25  # PackNet: fraction of the free weights each task keeps
     replay: int = 64  # replay: examples of earlier tasks in the buffer (split evenly)
     min_free: float = 0.01  # stop with CapacityError when less is free before a task
@@ -85,6 +104,7 @@ class ContinualConfig:
     discovery: DiscoveryConfig = field(default_factory=lambda: DiscoveryConfig(
         epochs=15, batch_size=128, lr=1e-2, final_temperature=100.0, fused=True,
         mask=MaskConfig(l0_lambda=1e-5, init=-0.1)))
+    supsup: SupSupConfig = field(default_factory=SupSupConfig)
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
@@ -133,12 +153,16 @@ class ContinualConfig:
 
     @property
     def n_tasks(self) -> int:
+        if self.task.startswith("digits-"):
+            return self.digits.tasks(self.task.removeprefix("digits-"))
         return len(self.sequence) if self.task == "arithmetic" else len(self.shapes.groups)
 
     def task_sequence(self, device: str = "cpu") -> TaskSequence:
         """The sequence this config runs, with its data on `device`."""
         if self.task == "shapes":
             return ShapeSequence(self.shapes, self.seed, device)
+        if self.task.startswith("digits-"):
+            return DigitSequence(self.digits, self.task.removeprefix("digits-"), device)
         model = {"n_embd": self.n_embd, "n_layer": self.n_layer, "n_head": self.n_head,
                  "dropout": self.dropout, "activation": self.activation}
         return ArithmeticSequence(self.sequence, self.numbers, self.modulus, self.repeat, model,
@@ -165,18 +189,38 @@ SHAPE_PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+#: Layered over PRESETS for both digits sequences: an MLP on 8x8 images, SupSup among the
+#: methods, held-out selection images choosing the epoch (no stop at 1.0).
+DIGIT_PRESETS: dict[str, dict[str, Any]] = {
+    "paper": {"fit": {"epochs": 40, "lr": 3e-3, "batch_size": 64, "stop_at": None,
+                      "patience": 8},
+              "retrain": {"epochs": 8, "lr": 1e-3, "batch_size": 64, "stop_at": None},
+              "discovery": {"epochs": 10, "batch_size": 64, "lr": 1e-2,
+                            "mask": {"l0_lambda": 1e-5}},
+              "gates": {"task_accuracy": 0.8}, "replay": 100,
+              "methods": [*DEFAULT_METHODS, "supsup"]},
+    "quick": {"fit": {"epochs": 30, "patience": 5}, "retrain": {"epochs": 5},
+              "methods": ["subnetwork", "packnet", "packnet@0.1", "finetune", "replay", "joint",
+                          "independent", "supsup"]},
+}
+TASK_PRESETS = {"shapes": SHAPE_PRESETS, "digits-split": DIGIT_PRESETS,
+                "digits-permuted": DIGIT_PRESETS}
+
+
 def load_config(preset: str | None = "paper", file_values: dict | None = None,
                 overrides: dict | None = None) -> ContinualConfig:
-    """Defaults, then the preset (with its shapes layer when task=shapes), then a config
+    """Defaults, then the preset (with its task's layer, e.g. SHAPE_PRESETS), then a config
     file's values, then command-line overrides."""
     task = (overrides or {}).get("task") or (file_values or {}).get("task") or "arithmetic"
     presets = PRESETS
-    if task == "shapes":
-        presets = {name: merge(merge(PRESETS[name], SHAPE_PRESETS["paper"]),
-                               SHAPE_PRESETS.get(name, {})) for name in PRESETS}
+    if task in TASK_PRESETS:
+        layer = TASK_PRESETS[task]
+        presets = {name: merge(merge(PRESETS[name], layer["paper"]), layer.get(name, {}))
+                   for name in PRESETS}
     return layered_config(ContinualConfig, presets, preset, file_values, overrides,
                           "continual config")
 
 
-__all__ = ["ISOLATION", "METHODS", "PRESETS", "SHAPE_PRESETS", "ContinualConfig",
-           "ContinualGates", "Method", "load_config", "parse_method"]
+__all__ = ["DEFAULT_METHODS", "DIGIT_PRESETS", "ISOLATION", "METHODS", "PRESETS",
+           "SHAPE_PRESETS", "TASKS", "ContinualConfig", "ContinualGates", "Method", "SupSupConfig",
+           "load_config", "parse_method"]

@@ -19,7 +19,8 @@ from instill.storage import atomic_write_text, write_json
 
 OURS = "subnetwork"
 KEYS = ["replicate", "method", "after", "task", "task_name", "accuracy", "trained_accuracy",
-        "density", "free_fraction"]
+        "density", "free_fraction", "initial_accuracy", "inferred_accuracy", "task_inferred"]
+SEQUENTIAL_ONLY = ("joint", "independent")  # not a sequence of models: no BWT, FWT, forgetting
 
 
 def is_packnet(method: str) -> bool:
@@ -39,6 +40,19 @@ def matrices(rows: list[dict], tasks: int) -> dict[str, dict[int, Matrix]]:
     return out
 
 
+def transfer(m: Matrix, initial: list[float] | None) -> dict[str, float | None]:
+    """The field's metrics of an accuracy matrix R (`m[j][i]`: task i after training task j),
+    as GEM (Lopez-Paz & Ranzato 2017, eqs. 2-4) and Avalanche define them:
+    ACC = mean_i R[T-1][i]; BWT = mean_{i<T-1} R[T-1][i] - R[i][i] (negative: forgetting);
+    FWT = mean_{i>=1} R[i-1][i] - b[i], with b[i] a randomly initialised model's accuracy on
+    task i (None without `initial`)."""
+    t = len(m)
+    return {"acc": statistics.fmean(m[t - 1]),
+            "bwt": statistics.fmean(m[t - 1][i] - m[i][i] for i in range(t - 1)),
+            "fwt": None if initial is None else statistics.fmean(
+                m[i - 1][i] - initial[i] for i in range(1, t))}
+
+
 def metrics(m: Matrix, method: str) -> dict[str, Any]:
     """Average final accuracy; forgetting (largest drop of each earlier task from any earlier
     point to the end, averaged); whether every earlier task kept exactly its accuracy.
@@ -55,12 +69,29 @@ def metrics(m: Matrix, method: str) -> dict[str, Any]:
     return out
 
 
+def side_tables(rows: list[dict], tasks: int) -> tuple[dict, dict]:
+    """method -> replicate -> each task's random-init accuracy (for FWT); and, for methods that
+    infer the task (SupSup), method -> replicate -> (accuracy, right-task share) per task
+    after the last task."""
+    initial: dict[str, dict[int, list]] = defaultdict(dict)
+    inferred: dict[str, dict[int, tuple[list, list]]] = defaultdict(dict)
+    for row in rows:
+        meth, rep, task = row["method"], row["replicate"], row["task"]
+        if row.get("initial_accuracy") is not None:
+            initial[meth].setdefault(rep, [None] * tasks)[task] = row["initial_accuracy"]
+        if row.get("inferred_accuracy") is not None and row["after"] == tasks - 1:
+            acc, right = inferred[meth].setdefault(rep, ([None] * tasks, [None] * tasks))
+            acc[task], right[task] = row["inferred_accuracy"], row["task_inferred"]
+    return initial, inferred
+
+
 def summarize(rows: list[dict], sequence: list[str], methods: list[str], gates: dict,
               packnet_keep: float, kind: str = "tasks") -> dict[str, Any]:
     """summary.json: per method the metrics with intervals, capacity, forward transfer, and
     the paired comparisons of `subnetwork` against the other methods."""
     t = len(sequence)
     mats = matrices(rows, t)
+    initial, inferred = side_tables(rows, t)
     density: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
     free_left: dict[str, dict[int, float]] = defaultdict(dict)
     for row in rows:
@@ -88,10 +119,19 @@ def summarize(rows: list[dict], sequence: list[str], methods: list[str], gates: 
             entry["forgetting_per_task"] = [max(per[meth][r]["forgetting_per_task"][i]
                                                 for r in reps) for i in range(t - 1)]
             entry["bit_exact_replicates"] = sum(per[meth][r]["exact"] for r in reps)
-        if independent and meth not in ("joint", "independent"):
-            fwt = [statistics.fmean(per[meth][r]["learnt"][i] - independent[r]["learnt"][i]
-                                    for i in range(1, t)) for r in reps if r in independent]
-            entry["forward_transfer"] = stats.bootstrap_mean(fwt).to_dict() if fwt else None
+        if meth not in SEQUENTIAL_ONLY:
+            field = [transfer(mats[meth][r], initial[meth].get(r)) for r in reps]
+            for key in ("acc", "bwt", "fwt"):
+                values = [f[key] for f in field if f[key] is not None]
+                entry[key] = stats.bootstrap_mean(values).to_dict() if values else None
+        if independent and meth not in SEQUENTIAL_ONLY:
+            gain = [statistics.fmean(per[meth][r]["learnt"][i] - independent[r]["learnt"][i]
+                                     for i in range(1, t)) for r in reps if r in independent]
+            entry["vs_independent"] = stats.bootstrap_mean(gain).to_dict() if gain else None
+        if inferred[meth]:
+            for key, column in (("acc_inferred", 0), ("task_inference", 1)):
+                entry[key] = stats.bootstrap_mean([statistics.fmean(inferred[meth][r][column])
+                                                   for r in reps]).to_dict()
         if density[meth]:
             entry["density_per_task"] = [stats.bootstrap_mean(
                 [density[meth][r][i] for r in reps]).to_dict() for i in range(t)]
@@ -132,7 +172,7 @@ def goals(methods: dict, summary: dict) -> dict[str, Any]:
     holds against every PackNet variant `subnetwork` is not less accurate than."""
     out: dict[str, Any] = {}
     for meth, e in methods.items():
-        if meth.startswith("subnetwork") or is_packnet(meth):
+        if meth.startswith("subnetwork") or is_packnet(meth) or meth == "supsup":
             out[f"zero forgetting ({meth})"] = e["bit_exact_replicates"] == len(e["replicates"])
     if "joint" in summary["subnetwork_vs"]:
         p = summary["subnetwork_vs"]["joint"]
@@ -169,13 +209,18 @@ def headline(summary: dict, versus: dict[str, stats.Paired],
              f"{ours['bit_exact_replicates']} of {n}) with average final accuracy "
              f"{stats.Interval(**ours['final_accuracy']):.3f}"]
     sweep = [m for m in methods if is_packnet(m) and m in versus]
-    for other in ("joint", *sweep, "replay", "finetune"):
+    for other in ("joint", "supsup", *sweep, "replay", "finetune"):
         if other in versus:
             parts.append(stats.describe(versus[other], "it", f"`{other}`", "final accuracy"))
     for other in capacity:  # every PackNet variant of a kept-fraction sweep
         parts.append(stats.describe(capacity[other], "its capacity per task",
                                     f"`{other}`'s", "density", higher_is_better=False)
                      .replace("beats", "is below").replace("is worse than", "is above"))
+    sup = methods.get("supsup", {})
+    if sup.get("acc_inferred"):
+        parts.append(f"`supsup` with the task inferred (one-shot) reaches ACC "
+                     f"{stats.Interval(**sup['acc_inferred']):.3f}, the right task for "
+                     f"{stats.Interval(**sup['task_inference']):.3f} of the test images")
     return prefix + "; ".join(parts) + " (paired over replicates, 95% intervals, Holm)."
 
 
@@ -236,6 +281,17 @@ def _iv(entry: dict | None, key: str, spec: str = ".3f") -> str:
     return "n/a" if value is None else format(stats.Interval(**value), spec)
 
 
+def supsup_lines(methods: dict) -> list[str]:
+    """report.md's paragraph on SupSup's task inference, when it was measured."""
+    e = methods.get("supsup", {})
+    if not e.get("acc_inferred"):
+        return []
+    return [f"SupSup with the task inferred by one-shot entropy minimisation over all masks "
+            f"(no task identity at test time): ACC {_iv(e, 'acc_inferred')}, task inferred "
+            f"right for {_iv(e, 'task_inference')} of the test images (with the task given: "
+            f"{_iv(e, 'final_accuracy')}).", ""]
+
+
 def markdown(summary: dict, warnings: list[str]) -> str:
     """report.md: headline, method table, matrices, comparisons, capacity and gates."""
     seq, methods = summary["sequence"], summary["methods"]
@@ -243,15 +299,23 @@ def markdown(summary: dict, warnings: list[str]) -> str:
     lines = ["# Continual learning by parameter isolation", "", summary["headline"], "",
              "Tasks: " + ", ".join(f"{i}: `{e}`" for i, e in enumerate(seq)), "",
              "## Methods", "",
-             table(["method", "average final accuracy", "forgetting", "bit-exact replicates",
-                    "forward transfer", "density per task (mean)", "free left"],
-                   [[m, _iv(e, "final_accuracy"), _iv(e, "forgetting"),
-                     e.get("bit_exact_replicates", "n/a"), _iv(e, "forward_transfer"),
-                     _iv(e, "density_mean"), _iv(e, "free_left")] for m, e in methods.items()]),
-             "", "Forgetting: per earlier task the largest drop from any point after it was "
-             "learnt to the end, averaged. Forward transfer: accuracy on task t right after "
-             "learning it minus `independent` (the same training from the initial model alone), "
-             "averaged over t >= 1. Density: share of the targeted weights a task owns.", "",
+             table(["method", "ACC (average final accuracy)", "BWT", "FWT", "forgetting",
+                    "bit-exact replicates", "gain over independent", "density per task (mean)",
+                    "free left"],
+                   [[m, _iv(e, "final_accuracy"), _iv(e, "bwt"), _iv(e, "fwt"),
+                     _iv(e, "forgetting"), e.get("bit_exact_replicates", "n/a"),
+                     _iv(e, "vs_independent"), _iv(e, "density_mean"), _iv(e, "free_left")]
+                    for m, e in methods.items()]),
+             "", "ACC, BWT and FWT as GEM (Lopez-Paz & Ranzato 2017) and Avalanche define them: "
+             "ACC the mean accuracy over tasks after the last one; BWT the mean change of each "
+             "earlier task's accuracy from right after learning it to the end (negative: "
+             "forgetting); FWT the mean accuracy on task t just before learning it minus a "
+             "randomly initialised model's (the replicate's initial model). Forgetting: per "
+             "earlier task the largest drop from any point after it was learnt to the end, "
+             "averaged. Gain over independent: accuracy on task t right after learning it "
+             "minus `independent`'s (the same training from the initial model alone), averaged "
+             "over t >= 1. Density: share of the targeted weights a task owns.", "",
+             *supsup_lines(methods),
              "## Accuracy matrices (mean over replicates; row: after training task j, column: "
              "task i)", ""]
     for m, e in methods.items():
@@ -298,4 +362,4 @@ def write_report(root: Path, rows: list[dict], *, sequence: list[str], methods: 
     return summary
 
 
-__all__ = ["metrics", "summarize", "write_report"]
+__all__ = ["metrics", "side_tables", "summarize", "transfer", "write_report"]

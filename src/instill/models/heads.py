@@ -3,6 +3,7 @@ come from its own parameters, so a task's head can be trained with it and frozen
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 
 import torch
@@ -42,4 +43,31 @@ def resnet_heads(head_sizes: Sequence[int], embedding_size: int = 16,
     return TaskHeads(ResNetModel(config), hidden_sizes[-1], head_sizes)
 
 
-__all__ = ["TaskHeads", "resnet_heads"]
+class MLPHeads(nn.Module):
+    """A ReLU multilayer perceptron on flat inputs with one linear head per task; like
+    `TaskHeads`, the logits of every head concatenated in task order, head t is `heads.{t}`."""
+
+    def __init__(self, in_features: int, hidden: Sequence[int], sizes: Sequence[int]) -> None:
+        super().__init__()
+        if not sizes or any(int(s) < 1 for s in sizes) or not hidden:
+            raise ConfigError(f"mlp_heads needs hidden layers and a class per head, got hidden "
+                              f"{list(hidden)} and head sizes {list(sizes)}")
+        widths, layers = [in_features, *hidden], []
+        for a, b in itertools.pairwise(widths):
+            layers += [nn.Linear(a, b), nn.ReLU()]
+        self.backbone = nn.Sequential(*layers)
+        self.heads = nn.ModuleList(nn.Linear(widths[-1], int(s)) for s in sizes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        features = self.backbone(x.flatten(1))
+        return torch.cat([head(features) for head in self.heads], dim=1)
+
+
+@register("mlp_heads")
+def mlp_heads(in_features: int, head_sizes: Sequence[int],
+              hidden: Sequence[int] = (128, 128)) -> nn.Module:
+    """A small MLP with one linear head per task (the digits sequences' model)."""
+    return MLPHeads(in_features, hidden, head_sizes)
+
+
+__all__ = ["MLPHeads", "TaskHeads", "mlp_heads", "resnet_heads"]

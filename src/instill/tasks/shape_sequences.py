@@ -21,7 +21,7 @@ from instill.errors import ConfigError
 from instill.models import build_model
 from instill.tasks.shape_task import ImageTask
 from instill.tasks.shapes import MAX_CLASSES, ShapeWorld, make_split
-from instill.tasks.task_sequences import Data
+from instill.tasks.task_sequences import Data, TaskOutputs
 
 
 @dataclass
@@ -123,6 +123,9 @@ class ShapeSequence:
         hits = sum(int((self.logits(model, x, t).argmax(1) == y).sum())
                    for x, y, t in zip(*(d.split(batch_size) for d in data), strict=True))
         return hits / len(data[0])
+
+    def outputs(self, model: nn.Module, data: Data) -> TaskOutputs | None:
+        return None  # task inference is offered on the digits sequences only
 
 
 __all__ = ["ShapeSequence", "ShapeSequenceConfig"]

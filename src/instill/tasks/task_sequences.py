@@ -89,6 +89,15 @@ class TaskTokenTask:
 Data = tuple[Tensor, ...]  # the tensors of one data set, batched along dim 0 together
 
 
+@dataclass(frozen=True)
+class TaskOutputs:
+    """Every task's head on the same inputs, for inferring the task (SupSup): `logits`
+    [n, tasks, width], and each row's label in its own task's head ([n])."""
+
+    logits: Tensor
+    labels: Tensor
+
+
 class TaskSequence(Protocol):
     """What a continual experiment needs of a task sequence; it knows nothing of methods."""
 
@@ -118,6 +127,10 @@ class TaskSequence(Protocol):
     def loss(self, model: nn.Module, batch: Sequence[Tensor]) -> Tensor: ...
 
     def accuracy(self, model: nn.Module, data: Data) -> float: ...
+
+    def outputs(self, model: nn.Module, data: Data) -> TaskOutputs | None:
+        """Every task's head on `data`'s inputs, or None when the tasks' outputs differ in
+        form (no task inference)."""
 
 
 class ArithmeticSequence:
@@ -161,6 +174,9 @@ class ArithmeticSequence:
     def accuracy(self, model: nn.Module, data: Data) -> float:
         return self.task.accuracy(model, data[0])
 
+    def outputs(self, model: nn.Module, data: Data) -> TaskOutputs | None:
+        return None  # the task token is the input: there is no task to infer
+
 
 def replay_buffer(pools: Sequence[Data], size: int, seed: int) -> tuple[Data, Tensor]:
     """`size` examples drawn without replacement from the pools of earlier tasks, split as
@@ -179,5 +195,5 @@ def replay_buffer(pools: Sequence[Data], size: int, seed: int) -> tuple[Data, Te
     return data, torch.cat(owners)
 
 
-__all__ = ["ArithmeticSequence", "Data", "TaskSequence", "TaskTokenSpec", "TaskTokenTask",
-           "all_pairs", "replay_buffer", "task_sequences"]
+__all__ = ["ArithmeticSequence", "Data", "TaskOutputs", "TaskSequence", "TaskTokenSpec",
+           "TaskTokenTask", "all_pairs", "replay_buffer", "task_sequences"]
